@@ -1,0 +1,25 @@
+"""qlora_lab: the small package behind the QLoRA course notebooks (one module per idea)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+__version__ = "0.1.0"
+
+
+def _quiet_libraries() -> None:
+    """Keep notebook outputs readable: no weight-loading progress bars or optional-kernel notices."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes logs an optional-kernel notice at import on CPUs with AVX512-BF16; it is harmless.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
+_quiet_libraries()

