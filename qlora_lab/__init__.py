@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 __version__ = "0.1.0"
 
@@ -11,6 +12,8 @@ __version__ = "0.1.0"
 def _quiet_libraries() -> None:
     """Keep notebook outputs readable: no weight-loading progress bars or optional-kernel notices."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # tqdm.auto warns about missing ipywidgets inside Jupyter; the text progress bar it falls back to is fine.
+    warnings.filterwarnings("ignore", message="IProgress not found")
     # bitsandbytes logs an optional-kernel notice at import on CPUs with AVX512-BF16; it is harmless.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:

@@ -33,9 +33,23 @@ COURSE_MAP: dict[str, tuple[str, str, float]] = {
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
         "00_welcome": {"model_name": None, "max_new_tokens": 48},
+        "01_lora_low_rank_math": {},  # cpu: 01_lora_low_rank_math
+        "02_nf4_quantiles": {},  # cpu: 02_nf4_quantiles
+        "03_double_quantization": {},  # cpu: 03_double_quantization
+        "04_paged_optimizers": {},  # cpu: 04_paged_optimizers
+        "05_memory_budget": {},  # cpu: 05_memory_budget
+        "06_guanaco_oasst1_finetune": {},  # cpu: 06_guanaco_oasst1_finetune
+        "07_qlora_vs_lora_vs_full": {},  # cpu: 07_qlora_vs_lora_vs_full
     },
     "gpu": {
         "00_welcome": {"model_name": "huggyllama/llama-7b", "max_new_tokens": 128},
+        "01_lora_low_rank_math": {},  # gpu: 01_lora_low_rank_math
+        "02_nf4_quantiles": {},  # gpu: 02_nf4_quantiles
+        "03_double_quantization": {},  # gpu: 03_double_quantization
+        "04_paged_optimizers": {},  # gpu: 04_paged_optimizers
+        "05_memory_budget": {},  # gpu: 05_memory_budget
+        "06_guanaco_oasst1_finetune": {},  # gpu: 06_guanaco_oasst1_finetune
+        "07_qlora_vs_lora_vs_full": {},  # gpu: 07_qlora_vs_lora_vs_full
     },
 }
 
@@ -92,14 +106,13 @@ def results_path(notebook: str) -> Path:
     return build_dir() / "results" / f"{notebook}.json"
 
 
-def save_results(notebook: str, results: dict[str, Any]) -> Path:
+def save_results(notebook: str, results: dict[str, Any]) -> None:
     """Write a notebook's headline numbers (atomically) so the course runner can tabulate them."""
     path = results_path(notebook)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2, sort_keys=True, default=_jsonable) + "\n")
     os.replace(tmp, path)
-    return path
 
 
 def _jsonable(value: Any) -> Any:
@@ -142,7 +155,7 @@ class NotebookRun:
     seconds: float
     results: dict[str, Any]
     error: str | None = None
-    failed_cell: int | None = None
+    failed_cell: int | None = None  # execution count of the failing cell, as shown in the executed copy
 
 
 def clean_notebook(nb) -> None:
@@ -243,8 +256,9 @@ def run_course(profile: str = "cpu", only: str | list[str] | None = None,
         try:
             execute_notebook(path, executed, {"profile": profile, **per_nb[name]}, progress=progress)
         except PapermillExecutionError as err:
-            run.status, run.failed_cell = "failed", err.cell_index
-            run.error = f"{err.ename}: {err.evalue}"
+            run.status, run.failed_cell = "failed", err.exec_count
+            source = (err.source or "").strip().splitlines()
+            run.error = f"{err.ename}: {err.evalue} (in `{source[-1] if source else ''}`)"
         run.seconds = round(time.time() - start, 1)
         if results_path(name).is_file():
             run.results = json.loads(results_path(name).read_text())
@@ -252,7 +266,7 @@ def run_course(profile: str = "cpu", only: str | list[str] | None = None,
         if executed.is_file():
             _render_html(nbformat.read(executed, as_version=4), course_dir / f"{name}.html")
         if run.status != "ok":
-            print(f"FAILED: {name} stopped in cell {run.failed_cell} ({run.error}). "
+            print(f"FAILED: {name} stopped in cell In [{run.failed_cell}]: {run.error}. "
                   f"See {executed}.", file=sys.stderr, flush=True)
             break
         print(f"    done in {run.seconds:.0f} s", flush=True)
@@ -282,7 +296,7 @@ def _write_summary(course_dir: Path, profile: str, runs: list[NotebookRun], plan
     for r in runs:
         title = COURSE_MAP.get(r.notebook, (r.notebook,))[0]
         numbers = "<br>".join(f"{html.escape(str(k))}: {html.escape(_fmt(v))}" for k, v in r.results.items())
-        err = f"<br><small>cell {r.failed_cell}: {html.escape(r.error or '')}</small>" if r.error else ""
+        err = f"<br><small>In [{r.failed_cell}]: {html.escape(r.error or '')}</small>" if r.error else ""
         rows.append(f"<tr><td><a href='{r.notebook}.html'>{r.notebook}</a><br>{html.escape(title)}</td>"
                     f"<td class='{r.status}'>{r.status}{err}</td><td>{r.seconds:.0f}</td><td>{numbers}</td></tr>")
     for name in summary["not_run"]:

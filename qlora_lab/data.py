@@ -1,0 +1,525 @@
+"""OASST1 trees to Guanaco text: load the messages, check the trees, take the best path, tokenize with masks.
+
+The QLoRA paper trained Guanaco on OASST1 (OpenAssistant Conversations): a forest of message trees where
+volunteers ranked sibling replies. Each ready tree becomes one training text, the highest-ranked path from
+the prompt down, in the format of `timdettmers/openassistant-guanaco`:
+
+    ### Human: {question}### Assistant: {answer}### Human: {follow-up}### Assistant: {answer}
+
+Offline, `source="embedded"` reads `data/oasst_mini/`, a course-written set in OASST1's exact schema.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+#: Hub ids of the real data (need internet): the message table and the Guanaco text set made from it.
+OASST_HUB = "OpenAssistant/oasst1"
+GUANACO_HUB = "timdettmers/openassistant-guanaco"
+SOURCES = ("embedded", "hub", "guanaco-hub")
+SPLITS = ("train", "validation")
+#: The 18 columns of OASST1's flat message table, in its order.
+OASST_FIELDS = (
+    "message_id", "parent_id", "user_id", "created_date", "text", "role", "lang", "review_count",
+    "review_result", "deleted", "rank", "synthetic", "model_name", "detoxify", "message_tree_id",
+    "tree_state", "emojis", "labels",
+)
+REQUIRED_FIELDS = ("message_id", "parent_id", "text", "role", "message_tree_id")
+ROLES = ("prompter", "assistant")
+READY = "ready_for_export"
+MARKERS = {"prompter": "### Human: ", "assistant": "### Assistant: "}
+#: Why `build_trees(strict=False)` can skip a tree.
+REASONS = ("missing_field", "duplicate_id", "empty_text", "bad_role", "unknown_parent", "root", "cycle",
+           "roles_alternate")
+IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
+
+
+class OasstFormatError(ValueError):
+    """A malformed OASST row or tree; names the message id and the reason (one of REASONS)."""
+
+    def __init__(self, message_id: Any, reason: str, detail: str):
+        self.message_id, self.reason = message_id, reason
+        super().__init__(f"message {message_id!r}: {detail} [{reason}]")
+
+
+class DataNotAvailableError(RuntimeError):
+    """The data asked for cannot be read here; the message says what works offline."""
+
+
+# --------------------------------------------------------------------------------------------- loading
+def embedded_dir() -> Path:
+    """data/oasst_mini in the checkout: the course-written mini OASST1 used offline."""
+    from .course import repo_root
+
+    return repo_root() / "data" / "oasst_mini"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {list(SPLITS)}")
+
+
+def _offline_hint(hub_id: str, err: Exception) -> DataNotAvailableError:
+    first = str(err).splitlines()[0] if str(err) else ""
+    return DataNotAvailableError(
+        f"Cannot load {hub_id!r} from the Hugging Face hub: {type(err).__name__}: {first}\n"
+        "The hub sources need internet access (or a copy in the datasets cache). Offline, use "
+        "source='embedded' (the course's data/oasst_mini) or a path to a .jsonl/.parquet file (or a folder "
+        "with train/validation files) in OASST1's schema."
+    )
+
+
+def _load_hub(hub_id: str, split: str):
+    """datasets.load_dataset with a clear error when the hub cannot be reached."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(hub_id, split=split)
+    except OSError as err:  # ConnectionError, DatasetNotFoundError and offline mode are all OSErrors
+        raise _offline_hint(hub_id, err) from err
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path.name} line {number} is not valid JSON: {err}") from err
+    return rows
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    """Rows of one .jsonl, .json (a list) or .parquet file."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(rows, list):
+            raise ValueError(f"{path.name} holds a {type(rows).__name__}; expected a list of message rows")
+        return rows
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"Cannot read {path.name!r}: the suffix {suffix!r} is not one of ['.jsonl', '.json', '.parquet']")
+
+
+def _read_local(path: Path, split: str) -> list[dict[str, Any]]:
+    """A file, or a folder holding <split>.jsonl / <split>.parquet."""
+    if path.is_file():
+        return _read_file(path)
+    for suffix in (".jsonl", ".parquet", ".json"):
+        candidate = path / f"{split}{suffix}"
+        if candidate.is_file():
+            return _read_file(candidate)
+    raise DataNotAvailableError(f"No {split}.jsonl or {split}.parquet in {path}")
+
+
+def load_oasst_messages(source: str | os.PathLike = "embedded", split: str = "train") -> list[dict[str, Any]]:
+    """OASST1 message rows (one dict per message, file order kept) from the embedded set, the hub or a path."""
+    _check_split(split)
+    if str(source) == "embedded":
+        folder = embedded_dir()
+        if not folder.is_dir():
+            raise DataNotAvailableError(f"The embedded data folder {folder} is missing; it ships with the checkout.")
+        return _read_local(folder, split)
+    if str(source) == "hub":
+        return _load_hub(OASST_HUB, split).to_list()
+    if str(source) == "guanaco-hub":
+        raise ValueError("source='guanaco-hub' holds finished Guanaco text, not OASST messages; "
+                         "use load_guanaco('guanaco-hub') instead")
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ValueError(f"source={str(source)!r} is not one of {list(SOURCES[:2])} and no such file or folder "
+                         "exists (a path must be a .jsonl/.json/.parquet file or a folder with <split>.jsonl)")
+    return _read_local(path, split)
+
+
+# ----------------------------------------------------------------------------------------------- trees
+@dataclass
+class Node:
+    """One message and its replies (in file order); `index` is the row's position, used to break ties."""
+
+    message: dict[str, Any]
+    index: int
+    children: list[Node] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.message["message_id"]
+
+    @property
+    def role(self) -> str:
+        return self.message["role"]
+
+    @property
+    def rank(self) -> int | None:
+        """The sibling rank (0 = preferred); None when unranked (NaN from pandas counts as None)."""
+        rank = self.message.get("rank")
+        if rank is None or (isinstance(rank, float) and math.isnan(rank)):
+            return None
+        return int(rank)
+
+    @property
+    def eligible(self) -> bool:
+        """Usable for training: not deleted and not failed in review (review_result False = spam)."""
+        return not self.message.get("deleted") and self.message.get("review_result") is not False
+
+
+@dataclass
+class Tree:
+    """A conversation tree: its root prompt and, through it, every reply."""
+
+    root: Node
+
+    @property
+    def tree_id(self) -> str:
+        return self.root.message["message_tree_id"]
+
+    @property
+    def state(self) -> str | None:
+        return self.root.message.get("tree_state")
+
+    @property
+    def lang(self) -> str | None:
+        return self.root.message.get("lang")
+
+    def nodes(self) -> Iterator[Node]:
+        """Every message, depth first, replies in file order."""
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(reversed(node.children))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.nodes())
+
+
+class TreeList(list):
+    """What build_trees returns: the good trees, plus `skipped` (reason -> trees) and the `errors` behind it."""
+
+    def __init__(self, trees: Iterable[Tree], skipped: Counter, errors: list[OasstFormatError]):
+        super().__init__(trees)
+        self.skipped: Counter = skipped
+        self.errors = errors
+
+
+def _check_row(row: Mapping[str, Any], id_count: Counter) -> None:
+    """Field-level checks of one row: fields present, id unique, text non-empty, role known."""
+    mid = row.get("message_id")
+    missing = [name for name in REQUIRED_FIELDS if name not in row]
+    if missing or mid is None:
+        raise OasstFormatError(mid, "missing_field", f"lacks field(s) {missing or ['message_id']}; "
+                                                     f"every row needs {list(REQUIRED_FIELDS)}")
+    if id_count[mid] > 1:
+        raise OasstFormatError(mid, "duplicate_id", f"message_id appears {id_count[mid]} times; ids must be unique")
+    text = row["text"]
+    if not isinstance(text, str) or not text.strip():
+        raise OasstFormatError(mid, "empty_text", f"text is {text!r}; every message needs non-blank text")
+    if row["role"] not in ROLES:
+        raise OasstFormatError(mid, "bad_role", f"role is {row['role']!r}; allowed: {list(ROLES)}")
+
+
+def _cycle_member(start: Node, nodes: dict[str, Node]) -> str:
+    """Follow parent links from an unreachable node until an id repeats: that id lies on the cycle."""
+    seen: set[str] = set()
+    mid = start.id
+    while mid not in seen:
+        seen.add(mid)
+        mid = nodes[mid].message["parent_id"]
+    return mid
+
+
+def _build_one(rows: Sequence[Mapping[str, Any]], indices: list[int], id_count: Counter) -> Tree:
+    """Link one tree's rows (they share message_tree_id) and check its structure."""
+    nodes: dict[str, Node] = {}
+    for i in indices:
+        _check_row(rows[i], id_count)
+        nodes[rows[i]["message_id"]] = Node(dict(rows[i]), i)
+    for node in nodes.values():
+        parent = node.message["parent_id"]
+        if parent is not None and parent not in nodes:
+            raise OasstFormatError(node.id, "unknown_parent",
+                                   f"parent_id {parent!r} is not a message of tree {node.message['message_tree_id']!r}")
+    roots = [n for n in nodes.values() if n.message["parent_id"] is None]
+    if len(roots) > 1:
+        raise OasstFormatError(roots[1].id, "root", f"tree {roots[0].message['message_tree_id']!r} has "
+                                                    f"{len(roots)} roots ({[r.id for r in roots]}); one allowed")
+    for node in nodes.values():  # file order, so children end up in file order
+        if node.message["parent_id"] is not None:
+            nodes[node.message["parent_id"]].children.append(node)
+    reached = {n.id for n in Tree(roots[0]).nodes()} if roots else set()
+    if len(reached) < len(nodes):
+        lost = next(n for n in nodes.values() if n.id not in reached)
+        member = _cycle_member(lost, nodes)
+        raise OasstFormatError(member, "cycle", "its parent links form a cycle, so it never reaches a root")
+    tree = Tree(roots[0])
+    if tree.root.role != "prompter":
+        raise OasstFormatError(tree.root.id, "roles_alternate", f"a tree starts with a 'prompter' message, "
+                                                                f"not {tree.root.role!r}")
+    for node in tree.nodes():
+        for child in node.children:
+            if child.role == node.role:
+                raise OasstFormatError(child.id, "roles_alternate", f"role {child.role!r} replies to a {node.role!r} "
+                                                                    f"message ({node.id!r}); roles must alternate")
+    return tree
+
+
+def build_trees(messages: Iterable[Mapping[str, Any]], strict: bool = True) -> TreeList:
+    """Link rows into trees; strict raises OasstFormatError, lenient skips bad trees and counts why."""
+    rows = list(messages)
+    id_count = Counter(row.get("message_id") for row in rows)
+    groups: dict[Any, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.get("message_tree_id", row.get("message_id")), []).append(i)
+    trees, skipped, errors = [], Counter(), []
+    for indices in groups.values():
+        try:
+            trees.append(_build_one(rows, indices, id_count))
+        except OasstFormatError as err:
+            if strict:
+                raise
+            skipped[err.reason] += 1
+            errors.append(err)
+    return TreeList(trees, skipped, errors)
+
+
+def _preference(node: Node) -> tuple[bool, int]:
+    """Sort key: ranked before unranked, then lower rank; min() keeps file order among equals."""
+    return (node.rank is None, node.rank if node.rank is not None else 0)
+
+
+def best_path(tree: Tree | Node, drop_trailing_human: bool = True) -> list[dict[str, Any]]:
+    """The messages from the root down, taking the eligible reply with the lowest rank at each level.
+
+    A trailing human turn has no answer to learn from, so it is dropped (the published Guanaco set kept
+    such turns in some rows; pass drop_trailing_human=False to keep them as it did).
+    """
+    node = tree.root if isinstance(tree, Tree) else tree
+    if not node.eligible:
+        return []
+    path = [node]
+    while True:
+        replies = [child for child in node.children if child.eligible]
+        if not replies:
+            break
+        node = min(replies, key=_preference)
+        path.append(node)
+    if drop_trailing_human and path[-1].role == "prompter":
+        path.pop()
+    return [n.message for n in path]
+
+
+def to_guanaco_text(path: Sequence[Mapping[str, Any]]) -> str:
+    """'### Human: q### Assistant: a...' exactly as timdettmers/openassistant-guanaco (turns joined with nothing)."""
+    if not path:
+        raise ValueError("path is empty; it needs at least one 'prompter' message")
+    parts = []
+    for position, message in enumerate(path):
+        role, expected = message.get("role"), ROLES[position % 2]
+        if role != expected:
+            raise ValueError(f"message {message.get('message_id')!r} at position {position} has role {role!r}; "
+                             f"a path alternates {list(ROLES)} starting with 'prompter', so {expected!r} was expected")
+        text = (message.get("text") or "").strip()  # no separator between turns, so stray edges would glue on
+        if not text:
+            raise ValueError(f"message {message.get('message_id')!r} has empty text")
+        parts.append(MARKERS[role] + text)
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- guanaco
+def guanaco_rows(trees: Iterable[Tree]) -> list[dict[str, Any]]:
+    """One row per ready tree whose best path has an answer: text, lang, message_tree_id, human_turns."""
+    rows = []
+    for tree in trees:
+        if tree.state != READY:
+            continue
+        path = best_path(tree)
+        if len(path) < 2:
+            continue
+        rows.append({"text": to_guanaco_text(path), "lang": tree.lang, "message_tree_id": tree.tree_id,
+                     "human_turns": sum(m["role"] == "prompter" for m in path)})
+    return rows
+
+
+def load_guanaco(source: str | os.PathLike = "embedded", split: str = "train"):
+    """A datasets.Dataset with a `text` column in Guanaco format (plus lang, message_tree_id, human_turns)."""
+    import datasets
+
+    _check_split(split)
+    if str(source) == "guanaco-hub":  # the published set calls its held-out split "test"
+        return _load_hub(GUANACO_HUB, "test" if split == "validation" else split)
+    trees = build_trees(load_oasst_messages(source, split), strict=False)
+    if trees.skipped:
+        warnings.warn(f"load_guanaco({str(source)!r}, {split!r}) skipped malformed trees: {dict(trees.skipped)} "
+                      f"(first: {trees.errors[0]})", stacklevel=2)
+    rows = guanaco_rows(trees)
+    columns = ("text", "lang", "message_tree_id", "human_turns")
+    return datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in columns})
+
+
+# -------------------------------------------------------------------------------------------- collator
+_MARKER_RE = re.compile(r"### (Human|Assistant):")
+
+
+def split_turns(text: str) -> list[tuple[str, bool]]:
+    """Cut Guanaco text into (piece, is_answer): prompts end with '### Assistant:', answers run to '### Human:'."""
+    pieces: list[tuple[str, bool]] = []
+    pos, in_answer = 0, False
+    for match in _MARKER_RE.finditer(text):
+        if match.group(1) == "Human":
+            pieces.append((text[pos:match.start()], in_answer))
+            pos, in_answer = match.start(), False
+        else:
+            pieces.append((text[pos:match.start()], in_answer))
+            pieces.append((text[match.start():match.end()], False))
+            pos, in_answer = match.end(), True
+    pieces.append((text[pos:], in_answer))
+    merged: list[tuple[str, bool]] = []
+    for piece, is_answer in pieces:  # adjacent prompt pieces are tokenized as one string
+        if not piece:
+            continue
+        if merged and merged[-1][1] == is_answer:
+            merged[-1] = (merged[-1][0] + piece, is_answer)
+        else:
+            merged.append((piece, is_answer))
+    return merged
+
+
+@dataclass
+class GuanacoCollator:
+    """Tokenize Guanaco text for causal-LM training: labels only on answers (or all), EOS always last.
+
+    Prompt and answer pieces are tokenized separately and joined (as qlora.py does with source and
+    target), so label boundaries fall exactly on turn boundaries. Padding is masked by position, not by
+    token id, because pad = EOS in many tokenizers. With transformers.Trainer set
+    `remove_unused_columns=False` (the collator reads `text`) and, for length grouping,
+    `train_sampling_strategy="group_by_length"` on a dataset from `with_lengths()`.
+    """
+
+    tokenizer: Any
+    max_length: int = 512
+    train_on: str = "assistant"
+    pad_to_multiple_of: int | None = None
+    _bos: int | None = field(init=False, default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.train_on not in ("assistant", "all"):
+            raise ValueError(f"train_on={self.train_on!r} is not one of ['assistant', 'all']")
+        if not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length!r}: need an int >= 2 (room for one token and EOS)")
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token; set one so every example can end with it")
+        probe = self.tokenizer("a")["input_ids"]  # add BOS only where the tokenizer itself would
+        bos = self.tokenizer.bos_token_id
+        self._bos = bos if bos is not None and probe and probe[0] == bos else None
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id if pad is None else pad
+
+    def encode(self, text: str) -> tuple[list[int], list[int]]:
+        """Token ids and labels of one text, cut to max_length with EOS kept as the last (labelled) token."""
+        ids: list[int] = [] if self._bos is None else [self._bos]
+        labels: list[int] = [IGNORE_INDEX] * len(ids)
+        for piece, is_answer in split_turns(text):
+            tokens = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+            ids += tokens
+            labels += tokens if (is_answer or self.train_on == "all") else [IGNORE_INDEX] * len(tokens)
+        eos = self.tokenizer.eos_token_id
+        return ids[: self.max_length - 1] + [eos], labels[: self.max_length - 1] + [eos]
+
+    @staticmethod
+    def _text(feature: Any) -> str:
+        if isinstance(feature, str):
+            return feature
+        if isinstance(feature, Mapping) and "text" in feature:
+            return feature["text"]
+        keys = sorted(feature) if isinstance(feature, Mapping) else type(feature).__name__
+        raise ValueError(f"GuanacoCollator needs examples with a 'text' field, got {keys}; with "
+                         "transformers.Trainer set TrainingArguments(remove_unused_columns=False)")
+
+    def __call__(self, features: Sequence[Any]) -> dict[str, Any]:
+        """Right-pad a batch: input_ids (pad id), attention_mask (0) and labels (-100) beyond each length."""
+        import torch
+
+        encoded = [self.encode(self._text(f)) for f in features]
+        width = max(len(ids) for ids, _ in encoded)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, (ids, labs) in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, : len(labs)] = torch.tensor(labs)
+            attention[row, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+    def lengths(self, dataset: Any) -> list[int]:
+        """Collated length of every row (after truncation, EOS included): what group_by_length sorts by."""
+        texts = dataset["text"] if not isinstance(dataset, (list, tuple)) else [self._text(f) for f in dataset]
+        return [len(self.encode(text)[0]) for text in texts]
+
+    def with_lengths(self, dataset: Any, column: str = "length"):
+        """The dataset with a `length` column, which Trainer's group_by_length sampler reads."""
+        if column in dataset.column_names:
+            dataset = dataset.remove_columns(column)
+        return dataset.add_column(column, self.lengths(dataset))
+
+
+# ------------------------------------------------------------------------------------------------ stats
+def dataset_stats(dataset: Any, tokenizer: Any) -> dict[str, Any]:
+    """Rows, languages, human turns per row and token lengths (text only, no BOS/EOS) of a Guanaco set."""
+    import numpy as np
+
+    texts = list(dataset["text"])
+    if not texts:
+        raise ValueError("the dataset has no rows")
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    columns = getattr(dataset, "column_names", None) or list(dataset)
+    langs = Counter(dataset["lang"]) if "lang" in columns else Counter()
+    turns = Counter(text.count(MARKERS["prompter"].strip()) for text in texts)
+    arr = np.array(lengths)
+    return {
+        "rows": len(texts),
+        "languages": dict(langs.most_common()),
+        "human_turns": dict(sorted(turns.items())),
+        "tokens": {"min": int(arr.min()), "median": float(np.median(arr)), "p90": float(np.percentile(arr, 90)),
+                   "max": int(arr.max()), "mean": round(float(arr.mean()), 1), "total": int(arr.sum())},
+        "lengths": lengths,
+    }
+
+
+def plot_length_histogram(stats: Mapping[str, Any], ax: Any = None, bins: int = 30,
+                          max_length: int | None = None, title: str | None = None):
+    """Histogram of token lengths from dataset_stats; a line at max_length shows what truncation cuts."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.2))
+    lengths = stats["lengths"]
+    ax.hist(lengths, bins=bins, color="#4c72b0", edgecolor="white")
+    ax.axvline(stats["tokens"]["median"], color="black", linestyle=":", label=f"median {stats['tokens']['median']:.0f}")
+    if max_length is not None:
+        cut = sum(length > max_length for length in lengths)
+        ax.axvline(max_length, color="#c44e52", label=f"max_length {max_length} ({cut} rows cut)")
+    ax.set_xlabel("tokens per row")
+    ax.set_ylabel("rows")
+    ax.set_title(title or f"{stats['rows']} rows")
+    ax.legend(frameon=False)
+    return ax

@@ -1,0 +1,234 @@
+"""4-bit NormalFloat (NF4), FP4 and Int4 blockwise quantization in pure torch, byte-equal to bitsandbytes.
+
+The QLoRA paper (Dettmers et al., 2023, arXiv:2305.14314, Sec. 3) stores each weight as a 4-bit index into a
+16-value code plus one float32 absmax per block. This module rebuilds the codes and the quantizer so the
+notebooks can show every step; `tests/test_nf4.py` proves the bytes equal `bitsandbytes.functional.quantize_4bit`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+#: Block sizes bitsandbytes' `quantize_4bit` accepts (bitsandbytes 0.50 `functional.quantize_4bit`).
+ALLOWED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: 4-bit codes this module builds; bitsandbytes quantizes only "nf4" and "fp4".
+QUANT_TYPES = ("nf4", "fp4", "int4")
+#: Input dtypes bitsandbytes quantizes (it computes in float32 for all three).
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: The outermost quantile bitsandbytes uses for NF4 (`create_normal_map`); "empirically optimized".
+NF4_OFFSET = 0.9677083
+
+
+class QuantizationError(ValueError):
+    """Bad input to a quantizer; the message names the value and what is allowed."""
+
+
+def nf4_code(offset: float = NF4_OFFSET) -> torch.Tensor:
+    """The 16 NF4 values as bitsandbytes builds them: 8 positive and 7 negative normal quantiles, exact 0, /max."""
+    from scipy.stats import norm
+
+    # float32 linspace, as the library does; float64 points give values off by ~1e-7.
+    positive = norm.ppf(torch.linspace(offset, 0.5, 9)[:-1].numpy()).tolist()
+    negative = (-norm.ppf(torch.linspace(offset, 0.5, 8)[:-1].numpy())).tolist()
+    values = torch.tensor([*negative, 0.0, *positive], dtype=torch.float32).sort().values
+    return values / values.max()
+
+
+def nf4_code_paper(offset: float = NF4_OFFSET, bits: int = 4) -> torch.Tensor:
+    """The paper's Eq. 4: averages of adjacent quantiles of 2^k+1 points; symmetric, so it has no exact zero."""
+    from scipy.stats import norm
+
+    # Q(0) and Q(1) are -inf/+inf, so the end points are pinned at 1-offset and offset (the library's choice).
+    probs = torch.linspace(1 - offset, offset, 2**bits + 1, dtype=torch.float64).numpy()
+    quantiles = torch.tensor(norm.ppf(probs), dtype=torch.float64)
+    values = ((quantiles[:-1] + quantiles[1:]) / 2).to(torch.float32)
+    return values / values.abs().max()
+
+
+def fp4_code() -> torch.Tensor:
+    """bitsandbytes' FP4 (E2M1) table in index order: bit 3 is the sign, bits 2-1 the exponent, bit 0 the mantissa."""
+    values = []
+    for index in range(16):
+        sign = -1.0 if index & 8 else 1.0
+        exponent, mantissa = (index >> 1) & 3, index & 1
+        # exponent 0 is subnormal (0 or 1/16); the library orders exponents 1, 2, 3 as 8, 4, 2.
+        magnitude = mantissa / 16 if exponent == 0 else (1 + mantissa / 2) * 2.0 ** (4 - exponent)
+        values.append(sign * magnitude + 0.0)  # + 0.0 turns -0.0 into 0.0, as in the library's table
+    code = torch.tensor(values, dtype=torch.float32)
+    return code / code.abs().max()
+
+
+def int4_code() -> torch.Tensor:
+    """The paper's Int4: uniform symmetric levels k/7, in the index order of bitsandbytes' (broken) "int4" table."""
+    levels = [7, 6, 5, 4, 3, 2, 1, 0, 0, -1, -2, -3, -4, -5, -6, -7]
+    return torch.tensor(levels, dtype=torch.float32) / 7
+
+
+_CODES = {"nf4": nf4_code, "fp4": fp4_code, "int4": int4_code}
+
+
+def code_for(quant_type: str) -> torch.Tensor:
+    """The 16-value table of a quant type (a fresh copy, safe to modify)."""
+    _check_quant_type(quant_type)
+    return _cached_code(quant_type).clone()
+
+
+@lru_cache(maxsize=None)
+def _cached_code(quant_type: str) -> torch.Tensor:
+    return _CODES[quant_type]()
+
+
+@lru_cache(maxsize=None)
+def _bounds(quant_type: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Midpoints between adjacent sorted code values, and the map from sorted position to index (None if sorted)."""
+    code = _cached_code(quant_type)
+    order = torch.argsort(code, stable=True)
+    values = code[order]
+    midpoints = (values[:-1] + values[1:]) / 2
+    identity = bool(torch.equal(order, torch.arange(16)))
+    return midpoints, None if identity else order.to(torch.uint8)
+
+
+def _check_quant_type(quant_type: str) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise QuantizationError(f"quant_type={quant_type!r} is not supported; choose one of {list(QUANT_TYPES)}.")
+
+
+def _check_blocksize(blocksize: int) -> None:
+    if blocksize not in ALLOWED_BLOCKSIZES:
+        raise QuantizationError(f"blocksize={blocksize!r} is not allowed; bitsandbytes accepts "
+                                f"{list(ALLOWED_BLOCKSIZES)}.")
+
+
+def _check_weight(w: torch.Tensor) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise QuantizationError(f"Expected a torch.Tensor, got {type(w).__name__}.")
+    if w.dtype not in FLOAT_DTYPES:
+        raise QuantizationError(f"Cannot quantize a {w.dtype} tensor; allowed dtypes are "
+                                f"{[str(d) for d in FLOAT_DTYPES]}.")
+    if w.numel() == 0:
+        raise QuantizationError(f"Cannot quantize an empty tensor (shape {tuple(w.shape)}).")
+
+
+def _check_finite(w: torch.Tensor, absmax: torch.Tensor) -> None:
+    """A NaN/Inf anywhere makes its block's absmax non-finite, so only the small absmax is scanned first."""
+    if bool(torch.isfinite(absmax).all()):
+        return
+    nan = int(torch.isnan(w).sum())
+    inf = int(torch.isinf(w).sum())
+    raise QuantizationError(f"Cannot quantize a tensor with non-finite values: {nan} NaN and {inf} Inf "
+                            f"among {w.numel():,} elements; clean or clip the weights first.")
+
+
+@dataclass
+class Quantized4bit:
+    """A 4-bit tensor: packed indices (2 per byte, first in the high nibble) and one float32 absmax per block."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    quant_type: str
+    blocksize: int
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        """Number of quantized values."""
+        return math.prod(self.shape)
+
+    def indices(self) -> torch.Tensor:
+        """The 4-bit code index of every value (uint8, flat), for bin-occupancy plots."""
+        return unpack_nibbles(self.packed, self.numel)
+
+    def nbytes(self) -> int:
+        """Bytes stored: packed nibbles plus the float32 absmax (the 16-value code is shared, not counted)."""
+        return self.packed.numel() * self.packed.element_size() + self.absmax.numel() * 4
+
+
+def pack_nibbles(indices: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """Two 4-bit indices per byte, the first in the high nibble, shaped (n/2, 1) like bitsandbytes."""
+    flat = indices.reshape(-1).to(torch.uint8)
+    if flat.numel() and int(flat.max()) > 15:
+        raise QuantizationError(f"Indices must be in 0..15; got a maximum of {int(flat.max())}.")
+    if flat.numel() % 2:  # an odd count is padded with index `pad`
+        flat = torch.nn.functional.pad(flat, (0, 1), value=pad)
+    return ((flat[0::2] << 4) | flat[1::2]).unsqueeze(1)
+
+
+def unpack_nibbles(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Undo `pack_nibbles`: the first `numel` 4-bit indices, high nibble first."""
+    flat = packed.reshape(-1).view(torch.uint8)
+    if not 0 <= numel <= 2 * flat.numel():
+        raise QuantizationError(f"numel={numel} does not fit in {flat.numel()} packed bytes "
+                                f"(at most {2 * flat.numel()}).")
+    out = torch.stack((flat >> 4, flat & 15), dim=1).reshape(-1)
+    return out[:numel]
+
+
+def _scale_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block absmax and the values scaled into [-1, 1], reproducing bitsandbytes' float32 arithmetic."""
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = flat[:full].view(-1, blocksize)
+    absmax = torch.linalg.vector_norm(blocks, ord=math.inf, dim=1)  # max |x| per block, one pass, exact
+    # Multiply by the reciprocal, as the library does: true division flips about 1 byte in 8 million.
+    scaled = blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)
+    scaled = scaled.clamp_(-1, 1).view(-1)
+    if full < n:
+        tail = flat[full:]
+        tail_absmax = tail.abs().max().clamp(min=1e-38)  # the library stores the clamped value here
+        absmax = torch.cat([absmax, tail_absmax.unsqueeze(0)])
+        scaled = torch.cat([scaled, (tail / tail_absmax).clamp_(-1, 1)])  # and divides (no reciprocal)
+    return absmax, scaled
+
+
+def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64) -> Quantized4bit:
+    """Blockwise 4-bit quantization: absmax per block, scale to [-1, 1], nearest code value, pack two per byte."""
+    _check_weight(w)
+    _check_quant_type(quant_type)
+    _check_blocksize(blocksize)
+    flat = w.reshape(-1).float()
+    absmax, scaled = _scale_blocks(flat, blocksize)
+    _check_finite(w, absmax)
+    if scaled.numel() % 2:  # an odd count gets a padding value of 0.0 (its code is stored in the last low nibble)
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    midpoints, order = _bounds(quant_type)
+    # bucketize = nearest code value; a value exactly on a midpoint goes to the lower code.
+    index = torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)
+    if order is not None:  # FP4/Int4 tables are not sorted by index
+        index = order[index.long()]
+    return Quantized4bit(pack_nibbles(index), absmax, quant_type, blocksize, w.shape, w.dtype)
+
+
+def dequantize_4bit(q: Quantized4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Look each index up in the code and multiply by its block's absmax (in float32), then cast."""
+    code = _cached_code(q.quant_type)
+    values = code[unpack_nibbles(q.packed, q.numel).long()]
+    n, bs = q.numel, q.blocksize
+    full = n - n % bs
+    out = torch.empty(n, dtype=torch.float32)
+    out[:full] = (values[:full].view(-1, bs) * q.absmax[: full // bs].unsqueeze(1)).view(-1)
+    if full < n:
+        out[full:] = values[full:] * q.absmax[-1]
+    return out.view(q.shape).to(dtype or q.dtype)
+
+
+def fake_quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64) -> torch.Tensor:
+    """Quantize and dequantize at once: the weights a 4-bit layer would compute with, in w's dtype."""
+    return dequantize_4bit(quantize_4bit(w, quant_type, blocksize), w.dtype)
+
+
+def fake_quantize_linears(model: torch.nn.Module, quant_type: str = "nf4", blocksize: int = 64,
+                          skip: tuple[str, ...] = ("lm_head",)) -> int:
+    """Replace every nn.Linear weight (except `skip`) by its 4-bit round trip, as bitsandbytes would; returns count."""
+    count = 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] not in skip:
+                module.weight.copy_(fake_quantize(module.weight, quant_type, blocksize))
+                count += 1
+    return count

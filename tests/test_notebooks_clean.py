@@ -1,0 +1,34 @@
+"""Committed notebooks are clean: outputs present, no errors, no machine paths, tidy metadata, ordered counts."""
+
+import json
+import re
+
+import pytest
+
+from qlora_lab import course
+
+NOTEBOOKS = course.notebooks()
+MACHINE_PATH = re.compile(r"(/root/|/tmp/|/work/|/home/\w+/|/Users/\w+/|[A-Z]:\\\\Users)")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_clean(path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    assert set(nb["metadata"]) <= {"kernelspec", "language_info"}, nb["metadata"].keys()
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert any(c["outputs"] for c in code), "committed without outputs"
+    counts = [c["execution_count"] for c in code if c["execution_count"] is not None]
+    assert counts == list(range(1, len(counts) + 1)), "execution counts out of order"
+    assert len(counts) == len(code), "some code cells were not executed"
+    for i, cell in enumerate(nb["cells"]):
+        assert set(cell["metadata"]) <= {"tags"}, f"cell {i} metadata {cell['metadata']}"
+        for out in cell.get("outputs", []):
+            assert out["output_type"] != "error", f"cell {i} has an error output"
+            if out["output_type"] == "stream":
+                assert out["name"] != "stderr" or not re.search(r"Warning|Traceback", out["text"] if
+                       isinstance(out["text"], str) else "".join(out["text"])), f"cell {i} warns: {out}"
+            assert not MACHINE_PATH.search(json.dumps(out)), f"cell {i} output shows a machine path"
+    first = nb["cells"][0]
+    assert first["cell_type"] == "markdown" and "minute" in "".join(first["source"]).lower()
+    last = "".join(nb["cells"][-1]["source"]).lower()
+    assert "exercise" in last, "notebooks end with a summary and exercises"
