@@ -51,10 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="versions, device, cache and embedded-model status")
     refresh = sub.add_parser("refresh", help="re-execute committed notebooks in place (maintainers)")
     refresh.add_argument("--only", default=None)
+    bench = sub.add_parser("bench", help="time our quantize_4bit against bitsandbytes' (ratio, side by side)")
+    bench.add_argument("--size", type=int, default=4096, help="square weight size (default 4096)")
+    bench.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    bench.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
+    bench.add_argument("--blocksize", type=int, default=64)
+    bench.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
     try:
         if args.command == "info":
             return _info()
+        if args.command == "bench":
+            from . import bench as _bench
+
+            return _bench.main(args.size, args.dtype, args.quant_type, args.blocksize, args.repeats)
         if args.command == "refresh":
             course.refresh_notebooks(args.only)
             return 0

@@ -33,22 +33,22 @@ COURSE_MAP: dict[str, tuple[str, str, float]] = {
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
         "00_welcome": {"model_name": None, "max_new_tokens": 48},
-        "01_lora_low_rank_math": {},  # cpu: 01_lora_low_rank_math
-        "02_nf4_quantiles": {},  # cpu: 02_nf4_quantiles
-        "03_double_quantization": {},  # cpu: 03_double_quantization
-        "04_paged_optimizers": {},  # cpu: 04_paged_optimizers
-        "05_memory_budget": {},  # cpu: 05_memory_budget
-        "06_guanaco_oasst1_finetune": {},  # cpu: 06_guanaco_oasst1_finetune
+        "01_lora_low_rank_math": {"model_name": None, "data_source": "embedded", "ft_layer": 27, "ft_module": "self_attn.q_proj", "max_steps": 16, "batch_size": 4, "seq_len": 64, "train_blocks": 16, "eval_blocks": 8, "learning_rate": 1e-3},  # cpu: 01_lora_low_rank_math
+        "02_nf4_quantiles": {"model_name": None, "data_source": "embedded", "eval_rows": 12, "max_length": 96, "error_params": 40_000_000},  # cpu: 02_nf4_quantiles
+        "03_double_quantization": {"model_name": None, "data_source": "embedded", "eval_rows": 12, "max_length": 96},  # cpu: 03_double_quantization
+        "04_paged_optimizers": {"data_source": "embedded", "short_len": 64, "long_len": 1024, "steps": 4, "long_step": 2, "cuda_short_len": 256, "cuda_long_len": 2048},  # cpu: 04_paged_optimizers
+        "05_memory_budget": {"measure_model": "embedded", "measure_methods": ["full", "lora", "qlora"], "measure_shapes": [[1, 64], [4, 128]]},  # cpu: 05_memory_budget
+        "06_guanaco_oasst1_finetune": {"recipe": "cpu", "max_steps": 40, "n_eval_prompts": 16, "max_new_tokens": 64},
         "07_qlora_vs_lora_vs_full": {},  # cpu: 07_qlora_vs_lora_vs_full
     },
     "gpu": {
         "00_welcome": {"model_name": "huggyllama/llama-7b", "max_new_tokens": 128},
-        "01_lora_low_rank_math": {},  # gpu: 01_lora_low_rank_math
-        "02_nf4_quantiles": {},  # gpu: 02_nf4_quantiles
-        "03_double_quantization": {},  # gpu: 03_double_quantization
-        "04_paged_optimizers": {},  # gpu: 04_paged_optimizers
-        "05_memory_budget": {},  # gpu: 05_memory_budget
-        "06_guanaco_oasst1_finetune": {},  # gpu: 06_guanaco_oasst1_finetune
+        "01_lora_low_rank_math": {"model_name": "huggyllama/llama-7b", "data_source": "hub", "ft_layer": 28, "ft_module": "self_attn.q_proj", "max_steps": 100, "batch_size": 8, "seq_len": 256, "train_blocks": 128, "eval_blocks": 32, "learning_rate": 1e-4},  # gpu: 01_lora_low_rank_math
+        "02_nf4_quantiles": {"model_name": "huggyllama/llama-7b", "data_source": "guanaco-hub", "eval_rows": 64, "max_length": 512, "error_params": 400_000_000},  # gpu: 02_nf4_quantiles
+        "03_double_quantization": {"model_name": "huggyllama/llama-7b", "data_source": "guanaco-hub", "eval_rows": 64, "max_length": 512},  # gpu: 03_double_quantization
+        "04_paged_optimizers": {"data_source": "hub", "short_len": 128, "long_len": 2048, "steps": 4, "long_step": 2, "cuda_short_len": 256, "cuda_long_len": 2048},  # gpu: 04_paged_optimizers
+        "05_memory_budget": {"measure_model": "llama-7b", "measure_methods": ["lora", "qlora"], "measure_shapes": [[1, 512], [4, 512]]},  # gpu: 05_memory_budget
+        "06_guanaco_oasst1_finetune": {"recipe": "guanaco-7b", "max_steps": 1875, "n_eval_prompts": 64, "max_new_tokens": 256},
         "07_qlora_vs_lora_vs_full": {},  # gpu: 07_qlora_vs_lora_vs_full
     },
 }

@@ -32,7 +32,8 @@ OASST_FIELDS = (
     "review_result", "deleted", "rank", "synthetic", "model_name", "detoxify", "message_tree_id",
     "tree_state", "emojis", "labels",
 )
-REQUIRED_FIELDS = ("message_id", "parent_id", "text", "role", "message_tree_id")
+#: What build_trees needs; a missing parent_id means a root (exports may leave None fields out).
+REQUIRED_FIELDS = ("message_id", "text", "role", "message_tree_id")
 ROLES = ("prompter", "assistant")
 READY = "ready_for_export"
 MARKERS = {"prompter": "### Human: ", "assistant": "### Assistant: "}
@@ -88,8 +89,11 @@ def _load_hub(hub_id: str, split: str):
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    import gzip
+
     rows = []
-    with open(path, encoding="utf-8") as handle:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if line.strip():
                 try:
@@ -100,9 +104,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_file(path: Path) -> list[dict[str, Any]]:
-    """Rows of one .jsonl, .json (a list) or .parquet file."""
+    """Rows of one .jsonl(.gz), .json (a list) or .parquet file."""
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
+    if suffix == ".jsonl" or path.name.lower().endswith(".jsonl.gz"):
         return _read_jsonl(path)
     if suffix == ".json":
         rows = json.loads(path.read_text(encoding="utf-8"))
@@ -113,7 +117,8 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    raise ValueError(f"Cannot read {path.name!r}: the suffix {suffix!r} is not one of ['.jsonl', '.json', '.parquet']")
+    raise ValueError(f"Cannot read {path.name!r}: the suffix {suffix!r} is not one of "
+                     "['.jsonl', '.jsonl.gz', '.json', '.parquet']")
 
 
 def _read_local(path: Path, split: str) -> list[dict[str, Any]]:
@@ -172,6 +177,9 @@ class Node:
             return None
         return int(rank)
 
+    def __repr__(self) -> str:
+        return f"Node({self.id!r}, {self.role!r}, rank={self.rank}, replies={len(self.children)})"
+
     @property
     def eligible(self) -> bool:
         """Usable for training: not deleted and not failed in review (review_result False = spam)."""
@@ -206,6 +214,9 @@ class Tree:
 
     def __len__(self) -> int:
         return sum(1 for _ in self.nodes())
+
+    def __repr__(self) -> str:
+        return f"Tree({self.tree_id!r}, state={self.state!r}, lang={self.lang!r}, messages={len(self)})"
 
 
 class TreeList(list):
@@ -248,7 +259,9 @@ def _build_one(rows: Sequence[Mapping[str, Any]], indices: list[int], id_count: 
     nodes: dict[str, Node] = {}
     for i in indices:
         _check_row(rows[i], id_count)
-        nodes[rows[i]["message_id"]] = Node(dict(rows[i]), i)
+        message = dict(rows[i])
+        message.setdefault("parent_id", None)
+        nodes[message["message_id"]] = Node(message, i)
     for node in nodes.values():
         parent = node.message["parent_id"]
         if parent is not None and parent not in nodes:

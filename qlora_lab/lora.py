@@ -126,6 +126,13 @@ def lora_parameter_count(in_features: int, out_features: int, r: int) -> int:
     return r * (in_features + out_features)
 
 
+def count_lora_parameters(model: nn.Module, target_modules: str | Iterable[str], r: int) -> int:
+    """What add_lora(model, target_modules, r) would make trainable, without building anything (works on 'meta')."""
+    modules = dict(model.named_modules())
+    return sum(lora_parameter_count(modules[n].in_features, modules[n].out_features, r)
+               for n in find_targets(model, target_modules))
+
+
 def _output_head_name(model: nn.Module) -> str | None:
     """Name of the model's output embedding (lm_head), which 'all-linear' leaves alone like peft does."""
     getter = getattr(model, "get_output_embeddings", None)

@@ -1,0 +1,133 @@
+"""Judge a chat fine-tune: perplexity of the answers, Guanaco-style chat, and whether replies end cleanly."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .data import GuanacoCollator, to_guanaco_text
+
+#: The system line the QLoRA paper put before Guanaco prompts at inference time.
+GUANACO_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
+                  "gives helpful, detailed, and polite answers to the user's questions.")
+TURN_MARKERS = ("### Human:", "### Assistant:")
+
+
+@torch.no_grad()
+def response_perplexity(model, tokenizer, dataset, max_length: int = 512, batch_size: int = 8) -> float:
+    """exp(mean NLL) over assistant tokens only (EOS included): the loss the fine-tune optimises."""
+    collator = GuanacoCollator(tokenizer, max_length=max_length, train_on="assistant")
+    texts = list(dataset["text"]) if not isinstance(dataset, (list, tuple)) else list(dataset)
+    if not texts:
+        raise ValueError("response_perplexity needs at least one text; the dataset is empty")
+    texts.sort(key=len)  # similar lengths per batch: less padding
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(texts), batch_size):
+        batch = collator(texts[start:start + batch_size])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                                                shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+        total += nll.item()
+        count += int((shift_labels != -100).sum())
+    model.train(was_training)
+    return math.exp(total / count)
+
+
+def guanaco_prompt(question: str, history: Sequence[tuple[str, str]] = (), system: str | None = GUANACO_SYSTEM) -> str:
+    """The paper's inference prompt: system line, earlier turns, then '### Human: q### Assistant:'."""
+    turns = []
+    for human, assistant in history:
+        turns += [{"role": "prompter", "text": human}, {"role": "assistant", "text": assistant}]
+    turns.append({"role": "prompter", "text": question})
+    body = to_guanaco_text(turns) + "### Assistant:"
+    return f"{system} {body}" if system else body
+
+
+@dataclass
+class Reply:
+    """One generated reply and how it ended."""
+
+    text: str
+    new_tokens: int
+    ended_with_eos: bool
+    wrote_other_turn: bool
+
+    @property
+    def clean(self) -> bool:
+        """Ended by EOS within budget without writing the human's (or a new assistant) turn."""
+        return self.ended_with_eos and not self.wrote_other_turn
+
+
+def _marker_stop(tokenizer, prompt_len: int):
+    from transformers import StoppingCriteria
+
+    class StopAtMarker(StoppingCriteria):
+        """Stop once the reply contains a turn marker: the model is writing the other speaker's part."""
+
+        def __call__(self, input_ids, scores, **kwargs):
+            tails = tokenizer.batch_decode(input_ids[:, prompt_len:])
+            return torch.tensor([any(m in t for m in TURN_MARKERS) for t in tails], device=input_ids.device)
+
+    return StopAtMarker()
+
+
+@torch.no_grad()
+def generate_reply(model, tokenizer, prompt: str, max_new_tokens: int = 96, do_sample: bool = False,
+                   temperature: float = 0.7, top_p: float = 0.9) -> Reply:
+    """Generate until EOS, a turn marker or the budget; report which of the three ended it."""
+    from transformers import StoppingCriteriaList
+
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt").to(device)
+    prompt_len = ids["input_ids"].shape[1]
+    kwargs: dict[str, Any] = dict(do_sample=do_sample)
+    if do_sample:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id,
+                         stopping_criteria=StoppingCriteriaList([_marker_stop(tokenizer, prompt_len)]), **kwargs)
+    new = out[0, prompt_len:].tolist()
+    ended_with_eos = tokenizer.eos_token_id in new
+    if ended_with_eos:
+        new = new[: new.index(tokenizer.eos_token_id)]
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    cut = min([text.find(m) for m in TURN_MARKERS if m in text], default=-1)
+    wrote_other = cut >= 0
+    if wrote_other:
+        text = text[:cut]
+    return Reply(text.strip(), len(new), ended_with_eos, wrote_other)
+
+
+def chat(model, tokenizer, question: str, history: Sequence[tuple[str, str]] = (), max_new_tokens: int = 96,
+         do_sample: bool = False, system: str | None = GUANACO_SYSTEM) -> str:
+    """Answer one question in Guanaco format, stopping at EOS or the next '### Human:'."""
+    prompt = guanaco_prompt(question, history, system)
+    return generate_reply(model, tokenizer, prompt, max_new_tokens, do_sample).text
+
+
+def format_adherence(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 96,
+                     system: str | None = GUANACO_SYSTEM) -> tuple[float, list[Reply]]:
+    """Share of replies that end cleanly (EOS within budget, no other speaker's turn), with the replies."""
+    if not prompts:
+        raise ValueError("format_adherence needs at least one prompt")
+    replies = [generate_reply(model, tokenizer, guanaco_prompt(q, system=system), max_new_tokens) for q in prompts]
+    return sum(r.clean for r in replies) / len(replies), replies
+
+
+def first_questions(dataset, n: int | None = None) -> list[str]:
+    """The opening human question of each conversation (held-out prompts for adherence and chat)."""
+    from .data import split_turns
+
+    questions = []
+    for text in dataset["text"]:
+        first = split_turns(text)[0][0]
+        questions.append(first.removeprefix("### Human:").removesuffix("### Assistant:").strip())
+    return questions[:n] if n else questions

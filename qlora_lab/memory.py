@@ -1,0 +1,592 @@
+"""Training-memory budget of full fine-tuning, LoRA and QLoRA: an estimator, and a measurement to check it."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+METHODS = ("full", "lora", "qlora")
+#: Optimizer names (transformers' `optim` spelling where one exists) -> (state bits, paged).
+OPTIMIZERS: dict[str, tuple[int, bool]] = {
+    "adamw": (32, False),
+    "adamw_32bit": (32, False),
+    "adamw_8bit": (8, False),
+    "paged_adamw": (32, True),
+    "paged_adamw_32bit": (32, True),
+    "paged_adamw_8bit": (8, True),
+}
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: Which tensor each linear layer reads: LoRA adapters on the same input share one saved copy.
+LINEAR_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
+                "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid"}
+#: bitsandbytes constants the estimator assumes (read in bitsandbytes 0.50 and checked by the tests).
+NF4_BLOCKSIZE = 64            # weights per absmax constant
+DQ_BLOCKSIZE = 256            # absmax constants per second-level float32 constant
+OPT8_BLOCKSIZE = 256          # 8-bit optimizer: values per float32 absmax
+OPT8_MIN_SIZE = 4096          # bnb keeps tensors with fewer elements in 32-bit state
+PAGED_MIN_SIZE = 100_000      # bnb pages only optimizer state of tensors with at least this many elements
+GB = 1e9                      # the paper and the seed write decimal GB
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The shape numbers of a Llama-family decoder that memory depends on."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool = False
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of the seven linear layers of one decoder block."""
+        h, m, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters in the decoder blocks' linear layers (the ones QLoRA stores in 4 bits)."""
+        return self.layers * sum(i * o for i, o in self.linear_shapes().values())
+
+    @property
+    def other_params(self) -> int:
+        """Embeddings, LM head (unless tied) and RMSNorm weights: kept in 16 bits by QLoRA."""
+        heads = 1 if self.tied_embeddings else 2
+        return heads * self.vocab * self.hidden + (2 * self.layers + 1) * self.hidden
+
+    @property
+    def params(self) -> int:
+        """All parameters."""
+        return self.linear_params + self.other_params
+
+
+def _preset(name: str, h: int, m: int, layers: int, heads: int, kv: int | None = None) -> Architecture:
+    return Architecture(name, h, m, layers, heads, kv or heads, h // heads, 32000)
+
+
+#: Published configurations (LLaMA paper Table 2 / the released config.json files; Llama 2 70B uses 8 KV heads).
+PRESETS: dict[str, Architecture] = {
+    "llama-7b": _preset("llama-7b", 4096, 11008, 32, 32),
+    "llama-13b": _preset("llama-13b", 5120, 13824, 40, 40),
+    "llama-33b": _preset("llama-33b", 6656, 17920, 60, 52),
+    "llama-65b": _preset("llama-65b", 8192, 22016, 80, 64),
+    "llama-2-70b": _preset("llama-2-70b", 8192, 28672, 80, 64, kv=8),
+}
+
+
+def architecture(model: Any) -> Architecture:
+    """Read the architecture from a preset name, a transformers config, or a model (its .config)."""
+    if isinstance(model, Architecture):
+        return model
+    if isinstance(model, str):
+        if model not in PRESETS:
+            raise ValueError(f"Unknown model preset {model!r}; choose one of {sorted(PRESETS)}, "
+                             "or pass a transformers config or model.")
+        return PRESETS[model]
+    config = getattr(model, "config", model)
+    needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    missing = [k for k in needed if not hasattr(config, k)]
+    if missing:
+        raise ValueError(f"Cannot read a Llama-style architecture from {type(model).__name__}: it lacks "
+                         f"{missing}. Pass a preset name ({sorted(PRESETS)}), a LlamaConfig-like config or model.")
+    heads = config.num_attention_heads
+    return Architecture(
+        name=getattr(config, "name_or_path", "") or getattr(config, "model_type", "model"),
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        layers=config.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        vocab=config.vocab_size,
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+    )
+
+
+@dataclass
+class MemoryBreakdown:
+    """Bytes of one training step by component, and the assumptions that produced them."""
+
+    weights: float = 0.0
+    quant_constants: float = 0.0
+    lora_weights: float = 0.0
+    gradients: float = 0.0
+    optimizer_state: float = 0.0
+    activations: float = 0.0
+    total: float = 0.0
+    pageable: float = 0.0
+    optimizer_temporaries: float = 0.0
+    assumptions: list[str] = field(default_factory=list)
+
+    COMPONENTS = ("weights", "quant_constants", "lora_weights", "gradients", "optimizer_state", "activations")
+
+    def as_dict(self, unit: float = 1.0, digits: int | None = None) -> dict[str, float]:
+        """The byte counts (components, total, pageable) divided by `unit`, optionally rounded."""
+        out = {}
+        for f in fields(self):
+            if f.name != "assumptions":
+                v = getattr(self, f.name) / unit
+                out[f.name] = round(v, digits) if digits is not None else v
+        return out
+
+
+def _check_choice(name: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
+
+
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"compute_dtype={dtype!r} must be a floating torch dtype such as torch.bfloat16")
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def resolve_lora_targets(arch: Architecture, targets: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Resolve "all-linear" (peft: every linear but the LM head) or a list of layer names; reject unknown ones."""
+    if targets == "all-linear":
+        return list(LINEAR_NAMES)
+    names = [targets] if isinstance(targets, str) else list(targets)
+    unknown = [n for n in names if n not in LINEAR_NAMES]
+    if unknown or not names:
+        raise ValueError(f"lora_targets {unknown or names!r} not understood; use 'all-linear' or names from "
+                         f"{list(LINEAR_NAMES)}.")
+    return [n for n in LINEAR_NAMES if n in names]
+
+
+def _lora_tensor_sizes(arch: Architecture, r: int, targets: list[str]) -> list[int]:
+    """Element counts of every LoRA A (r x in) and B (out x r) matrix in the model."""
+    shapes = arch.linear_shapes()
+    sizes = []
+    for name in targets:
+        i, o = shapes[name]
+        if r < 1 or r > min(i, o):
+            raise ValueError(f"lora_r={r} must be between 1 and min(in, out)={min(i, o)} of {name}")
+        sizes += [r * i, o * r]
+    return sizes * arch.layers
+
+
+def _full_tensor_sizes(arch: Architecture) -> list[int]:
+    """Element counts of every parameter tensor (full fine-tuning trains them all)."""
+    per_layer = [i * o for i, o in arch.linear_shapes().values()] + [arch.hidden, arch.hidden]
+    heads = [arch.vocab * arch.hidden] * (1 if arch.tied_embeddings else 2)
+    return per_layer * arch.layers + heads + [arch.hidden]
+
+
+def optimizer_state_bytes(sizes: list[int], optimizer: str = "adamw") -> tuple[float, float]:
+    """AdamW state bytes for tensors of these element counts, and the part a paged optimizer may evict."""
+    _check_choice("optimizer", optimizer, OPTIMIZERS)
+    bits, paged = OPTIMIZERS[optimizer]
+    total = pageable = 0.0
+    for n in sizes:
+        if bits == 8 and n >= OPT8_MIN_SIZE:  # two uint8 moments + a float32 absmax per 256 values each
+            b = 2 * n + 2 * 4 * math.ceil(n / OPT8_BLOCKSIZE)
+        else:  # two float32 moments
+            b = 8 * n
+        total += b
+        if paged and n >= PAGED_MIN_SIZE:  # bnb puts the two moments (not the absmax) in unified memory
+            pageable += 2 * n if bits == 8 else b
+    if bits == 8:
+        total += 2 * 256 * 4  # the two 256-entry quantization maps, shared by all tensors
+    return total, pageable
+
+
+def nf4_bytes(n: int, double_quant: bool = True, blocksize: int = NF4_BLOCKSIZE) -> tuple[int, int]:
+    """(packed 4-bit bytes, quantization-constant bytes) of one weight tensor with n elements."""
+    blocks = math.ceil(n / blocksize)
+    if double_quant:  # uint8 absmax + float32 per 256 absmax + one float32 offset
+        return (n + 1) // 2, blocks + 4 * math.ceil(blocks / DQ_BLOCKSIZE) + 4
+    return (n + 1) // 2, 4 * blocks
+
+
+def _layer_activation_bytes(arch: Architecture, method: str, cb: int, r: int, targets: list[str],
+                            dropout: float) -> float:
+    """Bytes per token that one decoder block saves for backward (HF Llama, sdpa attention, no padding mask)."""
+    h, m, nh = arch.hidden, arch.intermediate, arch.heads
+    q, kv = nh * arch.head_dim, arch.kv_heads * arch.head_dim
+    dims = {"attn_in": h, "attn_out": q, "mlp_in": h, "mlp_mid": m}
+    full = method == "full"
+    # RMSNorm (x2): float32 copy of the input + float32 rsqrt per token; full FT also keeps the
+    # normalised 16-bit input for the norm weight's gradient.
+    saved = 2 * (4 * h + 4 + (cb * h if full else 0))
+    # sdpa (flash kernel on CPU/GPU): q, k, v, output in 16 bits and a float32 log-sum-exp per head.
+    saved += cb * (q + kv + kv + q) + 4 * nh
+    # SwiGLU: silu keeps the gate output, the product keeps silu(gate) and up.
+    saved += 3 * cb * m
+    if full:  # every linear keeps its input for its weight gradient
+        saved += cb * sum(dims.values())
+        return saved
+    if dropout > 0:  # each adapter keeps its own dropped input and a 1-byte mask
+        saved += sum((cb + 1) * dims[LINEAR_INPUT[t]] for t in targets)
+    else:  # adapters reading the same tensor share its saved copy
+        saved += cb * sum(dims[d] for d in {LINEAR_INPUT[t] for t in targets})
+    saved += cb * r * len(targets)  # lora_B keeps lora_A's r-wide output
+    return saved
+
+
+def _activation_bytes(arch: Architecture, method: str, tokens: int, cb: int, r: int, targets: list[str],
+                      dropout: float, checkpointing: bool, notes: list[str]) -> float:
+    """Peak bytes of saved activations and loss-head transients over forward and backward."""
+    layer = _layer_activation_bytes(arch, method, cb, r, targets, dropout) * tokens
+    # transformers upcasts logits to float32 for the loss; in the cross-entropy backward the log-softmax
+    # output, the incoming gradient and the outgoing gradient (each float32, tokens x vocab) coexist.
+    head = 12 * arch.vocab * tokens
+    notes.append("loss head: 12 bytes x vocab per token (float32 log-softmax output + 2 float32 gradients)")
+    if checkpointing:
+        ckpt = cb * arch.hidden * arch.layers * tokens
+        # backward recomputes one block at a time: its saved tensors plus ~3 m-wide and 2 h-wide gradients
+        recompute = layer + cb * (3 * arch.intermediate + 2 * arch.hidden) * tokens
+        peak = ckpt + max(head, recompute)
+        notes.append("gradient checkpointing: every block's 16-bit input kept; one block recomputed at a time")
+    else:
+        peak = arch.layers * layer + head
+        notes.append("no checkpointing: every block's saved tensors kept until its backward")
+    if method == "full" and arch.tied_embeddings:
+        # the embedding's dense gradient and the sum with the LM head's gradient exist together at the end
+        peak = max(peak, 2 * cb * arch.vocab * arch.hidden)
+        notes.append("tied embeddings: two vocab x hidden gradient buffers when the two gradients are summed")
+    return peak
+
+
+def estimate_training_memory(
+    model: Any,
+    method: str,
+    *,
+    batch_size: int = 1,
+    seq_len: int = 512,
+    lora_r: int = 64,
+    lora_targets: str | list[str] = "all-linear",
+    gradient_checkpointing: bool = True,
+    optimizer: str = "adamw",
+    compute_dtype: torch.dtype = torch.bfloat16,
+    double_quant: bool = True,
+    lora_dropout: float = 0.0,
+    master_weights: bool = False,
+) -> MemoryBreakdown:
+    """Bytes of one training step by component, with every assumption written into `.assumptions`."""
+    _check_choice("method", method, METHODS)
+    _check_choice("optimizer", optimizer, OPTIMIZERS)
+    for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r} must be a positive integer")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout={lora_dropout!r} must be in [0, 1)")
+    arch = architecture(model)
+    cb = _dtype_bytes(compute_dtype)
+    dt = str(compute_dtype).replace("torch.", "")
+    out = MemoryBreakdown()
+    notes = out.assumptions
+    notes.append(f"{arch.name}: {arch.params / 1e9:.2f}B parameters ({arch.linear_params / 1e9:.2f}B in "
+                 f"decoder linear layers), batch {batch_size} x {seq_len} tokens, optimizer {optimizer}")
+    if method == "qlora":
+        packed = consts = 0
+        for i, o in arch.linear_shapes().values():
+            p, c = nf4_bytes(i * o, double_quant)
+            packed, consts = packed + p * arch.layers, consts + c * arch.layers
+        out.weights = packed + cb * arch.other_params
+        out.quant_constants = consts
+        notes.append(f"NF4 decoder linears (4 bits, blocks of {NF4_BLOCKSIZE}), "
+                     + ("double-quantized constants (8-bit absmax + float32 per 256)" if double_quant
+                        else "float32 absmax per block")
+                     + f"; embeddings, LM head and norms in {dt}")
+    else:
+        out.weights = cb * arch.params
+        notes.append(f"all weights in {dt}")
+    if method == "full":
+        sizes = _full_tensor_sizes(arch)
+        targets: list[str] = []
+        notes.append(f"every parameter trained; gradients in {dt}")
+    else:
+        targets = resolve_lora_targets(arch, lora_targets)
+        sizes = _lora_tensor_sizes(arch, lora_r, targets)
+        out.lora_weights = cb * sum(sizes)
+        notes.append(f"LoRA r={lora_r} on {len(targets)} linear layer kinds x {arch.layers} blocks "
+                     f"({sum(sizes) / 1e6:.1f}M parameters), LoRA weights and gradients in {dt}")
+    out.gradients = cb * sum(sizes)
+    out.optimizer_state, out.pageable = optimizer_state_bytes(sizes, optimizer)
+    bits, paged = OPTIMIZERS[optimizer]
+    notes.append(f"{'paged ' if paged else ''}AdamW state: "
+                 + ("2 uint8 moments + a float32 absmax per 256 values" if bits == 8 else "2 float32 moments")
+                 + " per trained parameter" + (f"; moments of tensors >= {PAGED_MIN_SIZE:,} elements pageable"
+                                              if paged else ""))
+    if master_weights:
+        out.optimizer_state += 4 * sum(sizes)
+        notes.append("mixed precision: a float32 master copy of every trained parameter (4 bytes each)")
+    out.activations = _activation_bytes(arch, method, batch_size * seq_len, cb, lora_r, targets, lora_dropout,
+                                        gradient_checkpointing, notes)
+    out.total = sum(getattr(out, c) for c in MemoryBreakdown.COMPONENTS)
+    notes.append("total = sum of the components (gradients counted as if all alive at the activation "
+                 "peak); no CUDA context, allocator fragmentation or optimizer scratch (fused CUDA kernels)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measurement: a real training step, accounted tensor by tensor.
+# ---------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Kineto writes start/stop lines and an allocator notice straight to fd 2; keep them out of notebooks."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextlib.contextmanager
+def record_allocations(device: str = "cpu"):
+    """Record every allocation and free of `device`'s allocator: yields a list filled with (ns, address, ±bytes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    events: list[tuple[int, int, int]] = []
+    with _quiet_native_stderr(), profile(activities=activities, profile_memory=True) as prof:
+        yield events
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        f = e.extra_fields
+        if type(f).__name__ == "_ExtraFields_Allocation" and f.device.type == torch.device(device).type:
+            events.append((e.start_time_ns, f.ptr, f.alloc_size))
+        stack.extend(e.children)
+    events.sort()
+
+
+def live_bytes(events: list[tuple[int, int, int]], exclude: set[int] | None = None) -> list[int]:
+    """Bytes alive after each event; allocations still alive at the end at an `exclude` address are skipped."""
+    exclude = exclude or set()
+    live: dict[int, int] = {}
+    for i, (_, ptr, size) in enumerate(events):
+        if size > 0:
+            live[ptr] = i
+        else:
+            live.pop(ptr, None)
+    skip = {i for ptr, i in live.items() if ptr in exclude}
+    owner: dict[int, int] = {}
+    cur, out = 0, []
+    for i, (_, ptr, size) in enumerate(events):
+        if size > 0:
+            owner[ptr] = i
+            cur += 0 if i in skip else size
+        elif ptr in owner:  # frees of blocks allocated before recording started are not ours to count
+            cur += 0 if owner.pop(ptr) in skip else size
+        out.append(cur)
+    return out
+
+
+def _tensor_bytes(tensors) -> int:
+    """Bytes of distinct storages among `tensors` (shared quantization maps count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if torch.is_tensor(t) and t.numel():
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def parameter_bytes(model) -> dict[str, int]:
+    """Weights, quantization constants and trainable LoRA weights a model holds, in bytes."""
+    from .models import _quant_state_bytes
+
+    out = {"weights": 0, "quant_constants": 0, "lora_weights": 0}
+    for name, p in model.named_parameters():
+        key = "lora_weights" if ("lora_" in name and p.requires_grad) else "weights"
+        out[key] += p.numel() * p.element_size()
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            out["quant_constants"] += _quant_state_bytes(state)
+    out["weights"] += sum(b.numel() * b.element_size() for b in model.buffers())
+    return out
+
+
+def make_optimizer(params, optimizer: str = "adamw", lr: float = 2e-4):
+    """The bitsandbytes AdamW for a name in OPTIMIZERS (32- or 8-bit, plain or paged, as qlora.py's `optim`)."""
+    import bitsandbytes as bnb
+
+    _check_choice("optimizer", optimizer, OPTIMIZERS)
+    bits, paged = OPTIMIZERS[optimizer]
+    cls = {(32, False): bnb.optim.AdamW32bit, (8, False): bnb.optim.AdamW8bit,
+           (32, True): bnb.optim.PagedAdamW32bit, (8, True): bnb.optim.PagedAdamW8bit}[(bits, paged)]
+    return cls(params, lr=lr, weight_decay=0.0)
+
+
+def optimizer_step(opt) -> None:
+    """One optimizer step; on CPU a paged bitsandbytes optimizer warns that it falls back to ordinary memory."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+        opt.step()
+
+
+def optimizer_state_tensors(opt) -> list[torch.Tensor]:
+    """Every tensor an optimizer keeps between steps."""
+    return [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
+
+
+def prepare_for_training(model, method: str, *, lora_r: int = 64, lora_targets: str | list[str] = "all-linear",
+                         lora_dropout: float = 0.0, gradient_checkpointing: bool = True, seed: int = 0):
+    """Make a loaded model trainable as `method` does; LoRA adapters in the compute dtype, as qlora.py casts them."""
+    _check_choice("method", method, METHODS)
+    is_4bit = bool(getattr(model, "is_loaded_in_4bit", False))
+    if (method == "qlora") != is_4bit:
+        raise ValueError(f"method={method!r} with a model {'loaded in 4 bits' if is_4bit else 'in 16 bits'}: "
+                         "qlora needs load_model(quantization='nf4'); full and lora need a 16-bit model")
+    torch.manual_seed(seed)
+    dtype = model.get_input_embeddings().weight.dtype
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        trainable = model
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        wanted = lora_targets
+        if lora_targets != "all-linear":
+            wanted = [lora_targets] if isinstance(lora_targets, str) else list(lora_targets)
+            present = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                              if isinstance(m, torch.nn.Linear)})
+            unknown = [t for t in wanted if t not in present]
+            if unknown or not wanted:
+                raise ValueError(f"lora_targets {unknown or wanted} not in the model; its linear layers are "
+                                 f"{present} (or use 'all-linear')")
+        config = LoraConfig(r=lora_r, lora_alpha=16, lora_dropout=lora_dropout, target_modules=wanted,
+                            task_type="CAUSAL_LM")
+        with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            trainable = get_peft_model(model, config, autocast_adapter_dtype=False)
+        for p in trainable.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(dtype)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable()  # also makes the embeddings' output require grad
+    trainable.train()
+    return trainable
+
+
+def _as_batch(batch) -> dict[str, torch.Tensor]:
+    """Accept a LongTensor of token ids or a dict with input_ids; labels default to the inputs."""
+    if torch.is_tensor(batch):
+        batch = {"input_ids": batch}
+    if not isinstance(batch, dict) or "input_ids" not in batch or batch["input_ids"].dim() != 2:
+        raise ValueError("batch must be a (batch, seq) LongTensor of token ids or a dict with 'input_ids' of "
+                         f"that shape; got {type(batch).__name__}")
+    if batch["input_ids"].numel() == 0:
+        raise ValueError("batch is empty (0 tokens); give at least one sequence of at least 2 tokens")
+    return {**batch, "labels": batch.get("labels", batch["input_ids"])}
+
+
+def measure_training_memory(model, batch, *, optimizer: str = "adamw", lr: float = 2e-4) -> MemoryBreakdown:
+    """Run one real training step and account its memory: parameters, gradients, optimizer state, peak activations."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; call prepare_for_training(model, method) first")
+    batch = _as_batch(batch)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    opt = make_optimizer(params, optimizer, lr)
+    out = MemoryBreakdown(**parameter_bytes(model))
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        _measure_cuda(model, batch, opt, params, out)
+    else:
+        _measure_cpu(model, batch, opt, params, out)
+    out.total += out.weights + out.quant_constants + out.lora_weights + out.optimizer_state
+    return out
+
+
+def _measure_cpu(model, batch, opt, params, out: MemoryBreakdown) -> None:
+    """Profiler allocation events: activations = peak of what forward+backward allocates, gradients excluded."""
+    with record_allocations("cpu") as fb:
+        model(**batch).loss.backward()
+    grads = [p.grad for p in params if p.grad is not None]
+    grad_ptrs = {g.untyped_storage().data_ptr() for g in grads}
+    out.gradients = _tensor_bytes(grads)
+    out.activations = max(live_bytes(fb, exclude=grad_ptrs), default=0)
+    with record_allocations("cpu") as st:
+        optimizer_step(opt)
+    state = optimizer_state_tensors(opt)
+    out.optimizer_state = _tensor_bytes(state)
+    _paged_share(opt, out)
+    out.optimizer_temporaries = max(live_bytes(st, exclude={t.untyped_storage().data_ptr() for t in state}),
+                                    default=0)
+    out.total = max(max(live_bytes(fb), default=0), out.gradients)
+    model.zero_grad(set_to_none=True)
+    out.assumptions.append("CPU: torch.profiler allocation events of one forward+backward and one optimizer step; "
+                           "activations = peak bytes allocated in forward+backward that are not gradients")
+    out.assumptions.append("total = resident weights and optimizer state + the forward+backward peak; the CPU "
+                           "optimizer's float32 scratch copies are reported apart as optimizer_temporaries "
+                           "(bitsandbytes' CUDA kernels update in place)")
+
+
+def _measure_cuda(model, batch, opt, params, out: MemoryBreakdown) -> None:
+    """Allocator peaks of the second of two steps (the first creates the optimizer state)."""
+    for _ in range(2):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        model(**batch).loss.backward()
+        torch.cuda.synchronize()
+        fb_peak = torch.cuda.max_memory_allocated() - base
+        out.gradients = _tensor_bytes(p.grad for p in params if p.grad is not None)
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        optimizer_step(opt)
+        torch.cuda.synchronize()
+        step_extra = torch.cuda.max_memory_allocated() - before
+        model.zero_grad(set_to_none=True)
+    out.optimizer_state = _tensor_bytes(optimizer_state_tensors(opt))
+    _paged_share(opt, out)
+    out.activations = max(fb_peak - out.gradients, 0)
+    out.optimizer_temporaries = max(step_extra, 0)
+    out.total = fb_peak
+    out.assumptions.append("CUDA: torch.cuda.max_memory_allocated over the second step; activations = "
+                           "forward+backward peak minus all gradients (a lower bound if not all were alive then); "
+                           "paged optimizer state lives in unified memory, outside the allocator's counts")
+
+
+def _paged_share(opt, out: MemoryBreakdown) -> None:
+    """Optimizer state a paged bitsandbytes optimizer would place in unified memory (tensors >= 1e5 elements)."""
+    if getattr(opt, "is_paged", False):
+        out.pageable = _tensor_bytes(t for p, s in opt.state.items() if p.numel() >= PAGED_MIN_SIZE
+                                     for t in s.values() if torch.is_tensor(t) and t.numel() == p.numel())
+
+
+def llama_config(model: Any):
+    """A transformers LlamaConfig for a preset or Architecture (to build a randomly initialised model)."""
+    from transformers import LlamaConfig
+
+    arch = architecture(model)
+    return LlamaConfig(hidden_size=arch.hidden, intermediate_size=arch.intermediate,
+                       num_hidden_layers=arch.layers, num_attention_heads=arch.heads,
+                       num_key_value_heads=arch.kv_heads, head_dim=arch.head_dim, vocab_size=arch.vocab,
+                       tie_word_embeddings=arch.tied_embeddings, max_position_embeddings=4096)
+
+
+def random_llama(model: Any, folder, quantization: str | None = None, dtype: torch.dtype = torch.bfloat16,
+                 seed: int = 0):
+    """A randomly initialised Llama of a preset's shape (no download), loaded as load_model would load it."""
+    from transformers import LlamaForCausalLM
+
+    from .models import load_model
+
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        net = LlamaForCausalLM(llama_config(model)).to(dtype)
+    net.save_pretrained(folder)  # round trip so 4-bit loading goes through transformers + bitsandbytes
+    del net
+    return load_model(folder, quantization=quantization, compute_dtype=dtype)

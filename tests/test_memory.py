@@ -1,0 +1,191 @@
+"""The memory estimator: published sizes, hand-computed cases, bitsandbytes' real byte counts, and measurement."""
+
+import math
+
+import pytest
+import torch
+
+from qlora_lab import memory
+
+# Parameter counts of the released checkpoints (Hugging Face model cards / config.json of each).
+PUBLISHED_PARAMS = {
+    "llama-7b": 6_738_415_616,
+    "llama-13b": 13_015_864_320,
+    "llama-33b": 32_528_943_616,
+    "llama-65b": 65_285_660_672,
+    "llama-2-70b": 68_976_648_192,
+}
+
+
+def tiny_config(**kw):
+    from transformers import LlamaConfig
+
+    base = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=100, tie_word_embeddings=False)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_presets_have_the_published_parameter_counts(name):
+    assert memory.architecture(name).params == PUBLISHED_PARAMS[name]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_architecture_counts_equal_a_real_transformers_model(tied):
+    from transformers import LlamaForCausalLM
+
+    config = tiny_config(tie_word_embeddings=tied)
+    model = LlamaForCausalLM(config)
+    arch = memory.architecture(model)
+    assert arch == memory.architecture(config)
+    assert arch.params == sum(p.numel() for p in model.parameters())
+    assert (arch.kv_heads, arch.head_dim, arch.tied_embeddings) == (2, 16, tied)
+
+
+def test_full_finetune_by_hand():
+    # tiny model: h=64, m=160, 2 layers, 4 heads of 16, 2 KV heads, vocab 100, untied
+    arch = memory.architecture(tiny_config())
+    linear = 2 * (64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 160)  # q, k, v, o, gate/up/down
+    other = 2 * 100 * 64 + (2 * 2 + 1) * 64
+    assert (arch.linear_params, arch.other_params) == (linear, other)
+    n = linear + other
+    est = memory.estimate_training_memory(arch, "full", batch_size=2, seq_len=8)
+    assert (est.weights, est.gradients, est.optimizer_state) == (2 * n, 2 * n, 8 * n)
+    mixed = memory.estimate_training_memory(arch, "full", batch_size=2, seq_len=8, master_weights=True)
+    assert mixed.optimizer_state == 12 * n
+    # activations per token of one block in full fine-tuning (bf16 = 2 bytes):
+    norms = 2 * (4 * 64 + 4 + 2 * 64)          # float32 input copy + rsqrt, and the normalised input
+    sdpa = 2 * (64 + 32 + 32 + 64) + 4 * 4     # q, k, v, output + float32 log-sum-exp per head
+    mlp = 3 * 2 * 160                          # gate output, silu(gate), up
+    inputs = 2 * (64 + 64 + 64 + 160)          # each linear keeps its input for its weight gradient
+    layer = norms + sdpa + mlp + inputs
+    assert layer == 2840
+    tokens, head = 16, 12 * 100                # the loss head: 12 bytes x vocab per token
+    recompute = layer + 2 * (3 * 160 + 2 * 64)  # one block recomputed + its gradient transients
+    assert est.activations == 2 * 64 * 2 * tokens + max(head, recompute) * tokens
+    flat = memory.estimate_training_memory(arch, "full", batch_size=2, seq_len=8, gradient_checkpointing=False)
+    assert flat.activations == (2 * layer + head) * tokens
+    assert est.total == sum(getattr(est, c) for c in memory.MemoryBreakdown.COMPONENTS)
+
+
+def test_lora_and_qlora_by_hand():
+    arch = memory.architecture(tiny_config())
+    r = 4
+    lora = 2 * r * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64) + 2 * (64 + 160) + (160 + 64))
+    est = memory.estimate_training_memory(arch, "lora", lora_r=r, seq_len=8)
+    assert (est.lora_weights, est.gradients, est.optimizer_state) == (2 * lora, 2 * lora, 8 * lora)
+    assert est.weights == 2 * arch.params
+    q = memory.estimate_training_memory(arch, "qlora", lora_r=r, seq_len=8)
+    packed = sum(2 * (i * o) // 2 for i, o in arch.linear_shapes().values())
+    consts = sum(2 * (math.ceil(i * o / 64) + 4 * math.ceil(math.ceil(i * o / 64) / 256) + 4)
+                 for i, o in arch.linear_shapes().values())
+    assert (q.weights, q.quant_constants) == (packed + 2 * arch.other_params, consts)
+    only_qv = memory.estimate_training_memory(arch, "lora", lora_r=r, lora_targets=["q_proj", "v_proj"])
+    assert only_qv.lora_weights == 2 * 2 * r * ((64 + 64) + (64 + 32))
+
+
+def test_nf4_bytes_match_the_paper_and_bitsandbytes():
+    # FACTS 5: a 4096 x 4096 weight with double quantization: 8,388,608 + 262,144 + 4,096 + 4 bytes
+    assert memory.nf4_bytes(4096 * 4096, True) == (8_388_608, 262_144 + 4_096 + 4)
+    assert memory.nf4_bytes(4096 * 4096, False) == (8_388_608, 1_048_576)
+    import bitsandbytes.functional as F
+
+    w = torch.randn(300, 257)  # a size that is not a multiple of the block
+    packed, state = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+    from qlora_lab.models import _quant_state_bytes
+
+    assert memory.nf4_bytes(w.numel(), True) == (packed.numel(), _quant_state_bytes(state))
+
+
+@pytest.mark.parametrize("optimizer", sorted(memory.OPTIMIZERS))
+def test_optimizer_state_equals_bitsandbytes(optimizer):
+    sizes = [300_000, 100, 5_000, 4_095, 4_096, 257]
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in sizes]
+    opt = memory.make_optimizer(params, optimizer)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    memory.optimizer_step(opt)
+    total, pageable = memory.optimizer_state_bytes(sizes, optimizer)
+    assert total == memory._tensor_bytes(memory.optimizer_state_tensors(opt))
+    bits, paged = memory.OPTIMIZERS[optimizer]
+    assert pageable == ((8 if bits == 32 else 2) * 300_000 if paged else 0)
+
+
+def test_paper_scale_numbers():
+    q65 = memory.estimate_training_memory("llama-65b", "qlora", optimizer="paged_adamw")
+    assert q65.total < 48e9
+    full65 = memory.estimate_training_memory("llama-65b", "full")
+    assert abs(full65.total / 780e9 - 1) < 0.03
+    # the paper's "LoRA parameters: 26 MB" is 0.2% of the 7B weights in 16 bits, in MiB
+    assert round(0.002 * memory.architecture("llama-7b").params * 2 / 2**20) == 26
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(model="llama-8b"), "Unknown model preset"),
+    (dict(method="prefix"), "method="),
+    (dict(optimizer="sgd"), "optimizer="),
+    (dict(lora_targets=["qkv"]), "lora_targets"),
+    (dict(lora_r=0), "lora_r=0"),
+    (dict(lora_r=100000), "lora_r=100000"),
+    (dict(batch_size=0), "batch_size=0"),
+    (dict(seq_len=-1), "seq_len=-1"),
+    (dict(compute_dtype=torch.int8), "compute_dtype"),
+    (dict(lora_dropout=1.5), "lora_dropout"),
+])
+def test_estimator_errors_name_the_bad_value(kwargs, match):
+    args = dict(model="llama-7b", method="lora")
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        memory.estimate_training_memory(args.pop("model"), args.pop("method"), **args)
+
+
+def test_architecture_error_lists_what_is_accepted():
+    with pytest.raises(ValueError, match="hidden_size"):
+        memory.architecture(object())
+
+
+# ----------------------------------------------------------------------------------- measurement (embedded)
+
+@pytest.fixture(scope="module")
+def models():
+    from qlora_lab.models import load_model
+
+    return {m: load_model(quantization="nf4" if m == "qlora" else None) for m in memory.METHODS}
+
+
+@pytest.mark.parametrize("method", memory.METHODS)
+def test_estimate_within_15_percent_of_measurement(models, method):
+    model = memory.prepare_for_training(models[method], method)
+    ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
+    measured = memory.measure_training_memory(model, ids)
+    est = memory.estimate_training_memory(model, method, batch_size=1, seq_len=64)
+    # counted things are exact (measured weights also hold RoPE's two inv_freq buffers: 256 bytes)
+    for part in ("weights", "quant_constants", "lora_weights", "gradients", "optimizer_state"):
+        assert getattr(est, part) == pytest.approx(getattr(measured, part), abs=512), part
+    assert abs(est.activations / measured.activations - 1) < 0.15
+    assert abs(est.total / measured.total - 1) < 0.15
+    assert measured.activations > 0 and measured.total > measured.weights
+
+
+def test_measurement_and_preparation_errors(models):
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        memory.measure_training_memory(torch.nn.Linear(2, 2).requires_grad_(False), torch.zeros(1, 2).long())
+    with pytest.raises(ValueError, match="qlora needs"):
+        memory.prepare_for_training(models["full"], "qlora")
+    with pytest.raises(ValueError, match="not in the model"):
+        memory.prepare_for_training(models["qlora"], "qlora", lora_targets=["c_attn"])
+    lin = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="batch is empty"):
+        memory.measure_training_memory(lin, torch.zeros(1, 0).long())
+
+
+def test_random_llama_round_trip_matches_its_preset(tmp_path):
+    arch = memory.Architecture("tiny", 64, 160, 2, 4, 2, 16, 128)
+    model = memory.random_llama(arch, tmp_path / "tiny", quantization="nf4")
+    assert getattr(model, "is_loaded_in_4bit", False)
+    est = memory.estimate_training_memory(arch, "qlora", lora_r=8)
+    measured = memory.parameter_bytes(model)
+    assert measured["quant_constants"] == est.quant_constants
+    assert measured["weights"] == pytest.approx(est.weights, abs=512)  # + RoPE inv_freq buffers
+    assert memory.architecture(model).params == arch.params

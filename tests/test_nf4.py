@@ -1,0 +1,225 @@
+"""qlora_lab.nf4 against bitsandbytes 0.50: the codes, the packed bytes, absmax and dequantized values."""
+
+from __future__ import annotations
+
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+import torch._dynamo
+
+from qlora_lab import nf4
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The 16 values FACTS.md section 3 lists (bitsandbytes' table, printed to 8 decimals).
+NF4_PRINTED = [-1, -0.69619280, -0.52507305, -0.39491749, -0.28444138, -0.18477343, -0.09105004, 0,
+               0.07958030, 0.16093020, 0.24611230, 0.33791524, 0.44070983, 0.56261700, 0.72295684, 1]
+
+
+@pytest.fixture
+def eager_bnb():
+    """bnb's fallback dequantizer is torch.compiled once per shape (seconds each); eager runs the same ops."""
+    with torch._dynamo.config.patch(disable=True):
+        yield
+
+
+def bnb_roundtrip(w: torch.Tensor, quant_type: str, blocksize: int):
+    """bitsandbytes' packed bytes, absmax and dequantized values (reshaped: 1-D inputs come back as (1, n))."""
+    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)
+    return packed, state.absmax, bnbf.dequantize_4bit(packed, state).reshape(w.shape)
+
+
+def assert_same_as_bnb(w: torch.Tensor, quant_type: str, blocksize: int) -> nf4.Quantized4bit:
+    packed, absmax, deq = bnb_roundtrip(w, quant_type, blocksize)
+    q = nf4.quantize_4bit(w, quant_type, blocksize)
+    assert q.packed.dtype == torch.uint8 and q.packed.shape == packed.shape
+    assert torch.equal(q.packed, packed), f"{int((q.packed != packed).sum())} bytes differ"
+    assert q.absmax.dtype == torch.float32 and torch.equal(q.absmax, absmax)
+    ours = nf4.dequantize_4bit(q)
+    assert ours.dtype == deq.dtype == w.dtype and ours.shape == w.shape
+    assert torch.equal(ours, deq), f"max diff {(ours.float() - deq.float()).abs().max()}"
+    return q
+
+
+# --- the codes -----------------------------------------------------------------------------------------------
+
+def test_nf4_code_equals_bitsandbytes_table_exactly():
+    code = nf4.nf4_code()
+    assert code.dtype == torch.float32
+    assert torch.equal(code, bnbf.get_4bit_type("nf4", device="cpu"))
+    assert torch.allclose(code.double(), torch.tensor(NF4_PRINTED, dtype=torch.float64), atol=5e-9, rtol=0)
+
+
+def test_nf4_code_also_equals_create_normal_map():
+    table = bnbf.create_normal_map()  # 256 entries: the 16 values and 240 padding zeros, sorted
+    values = table[table != 0]
+    assert torch.equal(values, nf4.nf4_code()[nf4.nf4_code() != 0])
+
+
+def test_nf4_code_is_asymmetric_with_an_exact_zero():
+    code = nf4.nf4_code()
+    assert (code < 0).sum() == 7 and (code > 0).sum() == 8 and (code == 0).sum() == 1
+    assert code[0] == -1 and code[-1] == 1 and bool((code.diff() > 0).all())
+
+
+def test_paper_eq4_code_is_symmetric_without_zero():
+    code = nf4.nf4_code_paper()
+    assert code.numel() == 16 and bool((code.diff() > 0).all())
+    assert torch.allclose(code, -code.flip(0), atol=1e-7) and not bool((code == 0).any())
+    assert code.abs().max() == 1
+    assert not torch.allclose(code, nf4.nf4_code(), atol=1e-3)
+
+
+def test_fp4_code_equals_bitsandbytes_table_exactly():
+    assert torch.equal(nf4.fp4_code(), bnbf.get_4bit_type("fp4", device="cpu"))
+
+
+def test_int4_code_is_uniform_levels_in_bnb_index_order():
+    code = nf4.int4_code()
+    assert torch.equal(code.unique(), torch.arange(-7, 8) / 7)
+    assert code[0] == 1 and code[7] == 0 and code[8] == 0 and code[15] == -1
+
+
+# --- byte equality with bitsandbytes -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", nf4.ALLOWED_BLOCKSIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bytes_absmax_values_equal_bnb_every_blocksize_and_dtype(eager_bnb, quant_type, blocksize, dtype):
+    torch.manual_seed(blocksize)
+    # 3 rows of 2*blocksize + 10 values: the total is not a multiple of the block size (a short last block).
+    w = (torch.randn(3, 2 * blocksize + 10) * 0.02).to(dtype)
+    assert w.numel() % blocksize
+    assert_same_as_bnb(w, quant_type, blocksize)
+
+
+@pytest.mark.parametrize("shape", [(4096,), (1,), (5, 7), (2, 3, 50), (64, 64)])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_odd_and_small_shapes_equal_bnb(eager_bnb, shape, quant_type):
+    torch.manual_seed(1)
+    assert_same_as_bnb(torch.randn(shape), quant_type, 64)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_all_zero_blocks_equal_bnb(eager_bnb, quant_type, dtype):
+    w = torch.zeros(64 * 3 + 10, dtype=dtype)
+    w[64:128] = torch.linspace(-1, 1, 64)  # one ordinary block between zero blocks; the short tail is zero too
+    q = assert_same_as_bnb(w, quant_type, 64)
+    # bnb stores 0 for a zero full block but 1e-38 for a zero short last block: we keep that quirk.
+    assert q.absmax[0] == 0 and q.absmax[-1] == torch.tensor(1e-38)
+    assert bool((nf4.dequantize_4bit(q)[:64] == 0).all())
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_values_exactly_on_a_midpoint_go_to_the_lower_code(eager_bnb, quant_type):
+    code = nf4.code_for(quant_type)
+    values = code.sort().values
+    midpoints = (values[:-1] + values[1:]) / 2
+    block = torch.cat([torch.tensor([1.0]), midpoints, torch.zeros(64 - 16)])  # absmax 1: scaled == value
+    q = nf4.quantize_4bit(block, quant_type, 64)
+    chosen = code[q.indices()[1:16].long()]
+    assert torch.equal(chosen, values[:-1]), "a tie must pick the lower of the two neighbours"
+    if quant_type != "int4":
+        assert_same_as_bnb(block, quant_type, 64)
+
+
+def test_large_bf16_weight_equals_bnb_on_the_compiled_path():
+    """A realistic weight; blocksize 4096 also runs bnb's torch.compiled dequantizer on AVX-512 CPUs."""
+    torch.manual_seed(3)
+    w = (torch.randn(512, 1024) * 0.02).to(torch.bfloat16)
+    assert_same_as_bnb(w, "nf4", 64)
+    assert_same_as_bnb(w, "nf4", 4096)
+
+
+def test_reciprocal_not_division_matters():
+    """The trap in FACTS.md 3: scaling by x * (1/absmax) and by x / absmax round differently somewhere."""
+    torch.manual_seed(0)
+    x = torch.rand(1 << 20) * 2 - 1
+    absmax = torch.rand(1 << 20) + 0.5
+    assert bool(((x * (1.0 / absmax)) != (x / absmax)).any())
+
+
+# --- int4, packing, helpers ----------------------------------------------------------------------------------
+
+def test_int4_roundtrip_error_is_at_most_half_a_step():
+    torch.manual_seed(2)
+    w = torch.randn(8, 128)
+    q = nf4.quantize_4bit(w, "int4", 64)
+    deq = nf4.dequantize_4bit(q)
+    step = q.absmax.repeat_interleave(64).view(8, 128) / 7
+    assert bool(((w - deq).abs() <= step / 2 * (1 + 1e-6)).all())
+    assert torch.equal(nf4.fake_quantize(w, "int4", 64), deq)
+
+
+def test_nf4_roundtrip_error_is_at_most_half_the_widest_gap():
+    torch.manual_seed(4)
+    w = torch.randn(4, 256, dtype=torch.float32)
+    q = nf4.quantize_4bit(w)
+    err = (w - nf4.dequantize_4bit(q)).abs().view(-1, 64)
+    half_gap = nf4.nf4_code().diff().max() / 2
+    assert bool((err <= half_gap * q.absmax.unsqueeze(1) * (1 + 1e-6)).all())
+
+
+def test_pack_high_nibble_first_and_roundtrip():
+    assert nf4.pack_nibbles(torch.tensor([1, 2, 15, 0])).flatten().tolist() == [0x12, 0xF0]
+    assert nf4.pack_nibbles(torch.tensor([3, 4, 5])).shape == (2, 1)
+    idx = torch.randint(0, 16, (101,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(nf4.unpack_nibbles(nf4.pack_nibbles(idx), 101), idx.to(torch.uint8))
+
+
+def test_indices_and_nbytes():
+    w = torch.randn(10, 64)
+    q = nf4.quantize_4bit(w)
+    assert q.indices().numel() == 640 and int(q.indices().max()) <= 15
+    assert q.nbytes() == 320 + 10 * 4
+
+
+def test_fake_quantize_linears_changes_linears_but_not_skipped():
+    torch.manual_seed(5)
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(64, 64))
+    model.add_module("lm_head", torch.nn.Linear(64, 8))
+    before = model.proj.weight.detach().clone(), model.lm_head.weight.detach().clone()
+    assert nf4.fake_quantize_linears(model, "nf4") == 1
+    assert torch.equal(model.proj.weight, nf4.fake_quantize(before[0]))
+    assert torch.equal(model.lm_head.weight, before[1])
+
+
+# --- errors --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.arange(64), "int64"),
+    (torch.randn(64, dtype=torch.float64), "float64"),
+    (torch.empty(0, 64), "empty"),
+    ([0.1, 0.2], "torch.Tensor"),
+])
+def test_bad_tensors_are_named(bad, match):
+    with pytest.raises(nf4.QuantizationError, match=match):
+        nf4.quantize_4bit(bad)
+
+
+def test_non_finite_values_are_counted():
+    w = torch.randn(256)
+    w[3], w[70], w[200] = float("nan"), float("inf"), float("-inf")
+    with pytest.raises(nf4.QuantizationError, match="1 NaN and 2 Inf"):
+        nf4.quantize_4bit(w)
+
+
+@pytest.mark.parametrize("blocksize", [16, 48, 100, 8192, 0])
+def test_block_sizes_the_library_rejects(blocksize):
+    with pytest.raises(nf4.QuantizationError, match=r"blocksize=.*32, 64, 128"):
+        nf4.quantize_4bit(torch.randn(64), blocksize=blocksize)
+    with pytest.raises(ValueError):  # bitsandbytes rejects the same sizes
+        bnbf.quantize_4bit(torch.randn(64), blocksize=blocksize, quant_type="nf4")
+
+
+def test_unknown_quant_type_lists_the_allowed():
+    with pytest.raises(nf4.QuantizationError, match="'nf4', 'fp4', 'int4'"):
+        nf4.quantize_4bit(torch.randn(64), quant_type="af4")
+
+
+def test_packing_errors():
+    with pytest.raises(nf4.QuantizationError, match="0..15"):
+        nf4.pack_nibbles(torch.tensor([16]))
+    with pytest.raises(nf4.QuantizationError, match="does not fit"):
+        nf4.unpack_nibbles(torch.zeros(2, 1, dtype=torch.uint8), 5)
