@@ -14,6 +14,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # tqdm.auto warns about missing ipywidgets inside Jupyter; the text progress bar it falls back to is fine.
     warnings.filterwarnings("ignore", message="IProgress not found")
+    # transformers 5 renames gradient_checkpointing -> activation_checkpointing; peft still calls the old name.
+    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6", category=FutureWarning)
     # bitsandbytes logs an optional-kernel notice at import on CPUs with AVX512-BF16; it is harmless.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:

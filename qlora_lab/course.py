@@ -34,11 +34,11 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu": {
         "00_welcome": {"model_name": None, "max_new_tokens": 48},
         "01_lora_low_rank_math": {"model_name": None, "data_source": "embedded", "ft_layer": 27, "ft_module": "self_attn.q_proj", "max_steps": 16, "batch_size": 4, "seq_len": 64, "train_blocks": 16, "eval_blocks": 8, "learning_rate": 1e-3},  # cpu: 01_lora_low_rank_math
-        "02_nf4_quantiles": {"model_name": None, "data_source": "embedded", "eval_rows": 12, "max_length": 96, "error_params": 40_000_000},  # cpu: 02_nf4_quantiles
-        "03_double_quantization": {"model_name": None, "data_source": "embedded", "eval_rows": 12, "max_length": 96},  # cpu: 03_double_quantization
+        "02_nf4_quantiles": {"model_name": None, "data_source": "embedded", "eval_rows": 8, "max_length": 96, "error_params": 16_000_000},  # cpu: 02_nf4_quantiles
+        "03_double_quantization": {"model_name": None, "data_source": "embedded", "eval_rows": 8, "max_length": 96},  # cpu: 03_double_quantization
         "04_paged_optimizers": {"data_source": "embedded", "short_len": 64, "long_len": 1024, "steps": 4, "long_step": 2, "cuda_short_len": 256, "cuda_long_len": 2048},  # cpu: 04_paged_optimizers
         "05_memory_budget": {"measure_model": "embedded", "measure_methods": ["full", "lora", "qlora"], "measure_shapes": [[1, 64], [4, 128]]},  # cpu: 05_memory_budget
-        "06_guanaco_oasst1_finetune": {"recipe": "cpu", "max_steps": 40, "n_eval_prompts": 16, "max_new_tokens": 64},
+        "06_guanaco_oasst1_finetune": {"recipe": "cpu", "max_steps": 30, "n_eval_prompts": 16, "max_new_tokens": 64},
         "07_qlora_vs_lora_vs_full": {},  # cpu: 07_qlora_vs_lora_vs_full
     },
     "gpu": {
@@ -78,7 +78,8 @@ def build_dir() -> Path:
 
 def notebooks() -> list[Path]:
     """The course notebooks in order (NN_name.ipynb under notebooks/)."""
-    return sorted((repo_root() / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    found = (repo_root() / "notebooks").glob("[0-9][0-9]_*.ipynb")
+    return sorted(p for p in found if p.stem.count(".") == 0)
 
 
 def _check_profile(profile: str) -> None:
@@ -198,7 +199,8 @@ def refresh_notebooks(only: str | list[str] | None = None) -> list[Path]:
 
     done = []
     for path in _select(only):
-        tmp = path.with_suffix(".running.ipynb")
+        tmp = build_dir() / "refresh" / path.name  # outside notebooks/, so nothing half-run is picked up
+        tmp.parent.mkdir(parents=True, exist_ok=True)
         print(f"refreshing {path.name} ...", flush=True)
         start = time.time()
         try:

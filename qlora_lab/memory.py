@@ -103,7 +103,7 @@ def architecture(model: Any) -> Architecture:
                          f"{missing}. Pass a preset name ({sorted(PRESETS)}), a LlamaConfig-like config or model.")
     heads = config.num_attention_heads
     return Architecture(
-        name=getattr(config, "name_or_path", "") or getattr(config, "model_type", "model"),
+        name=os.path.basename(str(getattr(config, "name_or_path", "")).rstrip("/")) or config.model_type,
         hidden=config.hidden_size,
         intermediate=config.intermediate_size,
         layers=config.num_hidden_layers,
@@ -165,7 +165,7 @@ def resolve_lora_targets(arch: Architecture, targets: str | list[str] | tuple[st
     return [n for n in LINEAR_NAMES if n in names]
 
 
-def _lora_tensor_sizes(arch: Architecture, r: int, targets: list[str]) -> list[int]:
+def lora_tensor_sizes(arch: Architecture, r: int, targets: list[str]) -> list[int]:
     """Element counts of every LoRA A (r x in) and B (out x r) matrix in the model."""
     shapes = arch.linear_shapes()
     sizes = []
@@ -227,8 +227,8 @@ def _layer_activation_bytes(arch: Architecture, method: str, cb: int, r: int, ta
     if full:  # every linear keeps its input for its weight gradient
         saved += cb * sum(dims.values())
         return saved
-    if dropout > 0:  # each adapter keeps its own dropped input and a 1-byte mask
-        saved += sum((cb + 1) * dims[LINEAR_INPUT[t]] for t in targets)
+    if dropout > 0:  # each adapter keeps its own dropped input and the dropout mask (16-bit as on CPU)
+        saved += sum(2 * cb * dims[LINEAR_INPUT[t]] for t in targets)
     else:  # adapters reading the same tensor share its saved copy
         saved += cb * sum(dims[d] for d in {LINEAR_INPUT[t] for t in targets})
     saved += cb * r * len(targets)  # lora_B keeps lora_A's r-wide output
@@ -243,10 +243,14 @@ def _activation_bytes(arch: Architecture, method: str, tokens: int, cb: int, r: 
     # output, the incoming gradient and the outgoing gradient (each float32, tokens x vocab) coexist.
     head = 12 * arch.vocab * tokens
     notes.append("loss head: 12 bytes x vocab per token (float32 log-softmax output + 2 float32 gradients)")
+    notes.append("blocks: transformers' Llama with sdpa attention and no padding mask (k/v not repeated)")
+    if dropout > 0 and method != "full":
+        notes.append(f"LoRA dropout {dropout}: each adapter keeps its dropped input and a 16-bit mask "
+                     "(PyTorch's CPU dropout; CUDA's fused kernel keeps a 1-byte mask, slightly less)")
     if checkpointing:
         ckpt = cb * arch.hidden * arch.layers * tokens
-        # backward recomputes one block at a time: its saved tensors plus ~3 m-wide and 2 h-wide gradients
-        recompute = layer + cb * (3 * arch.intermediate + 2 * arch.hidden) * tokens
+        # backward recomputes one block at a time: its saved tensors plus two m-wide gradients of the MLP
+        recompute = layer + 2 * cb * arch.intermediate * tokens
         peak = ckpt + max(head, recompute)
         notes.append("gradient checkpointing: every block's 16-bit input kept; one block recomputed at a time")
     else:
@@ -309,7 +313,7 @@ def estimate_training_memory(
         notes.append(f"every parameter trained; gradients in {dt}")
     else:
         targets = resolve_lora_targets(arch, lora_targets)
-        sizes = _lora_tensor_sizes(arch, lora_r, targets)
+        sizes = lora_tensor_sizes(arch, lora_r, targets)
         out.lora_weights = cb * sum(sizes)
         notes.append(f"LoRA r={lora_r} on {len(targets)} linear layer kinds x {arch.layers} blocks "
                      f"({sum(sizes) / 1e6:.1f}M parameters), LoRA weights and gradients in {dt}")
@@ -390,7 +394,7 @@ def live_bytes(events: list[tuple[int, int, int]], exclude: set[int] | None = No
     return out
 
 
-def _tensor_bytes(tensors) -> int:
+def tensor_bytes(tensors) -> int:
     """Bytes of distinct storages among `tensors` (shared quantization maps count once)."""
     seen: dict[int, int] = {}
     for t in tensors:
@@ -430,6 +434,16 @@ def optimizer_step(opt) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
         opt.step()
+
+
+def allocate_optimizer_state(opt) -> None:
+    """Have a bitsandbytes optimizer allocate every parameter's state as its first step() does, minus the update."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+        for gindex, group in enumerate(opt.param_groups):
+            for pindex, p in enumerate(group["params"]):
+                if not opt.state[p]:
+                    opt.init_state(group, p, gindex, pindex)
 
 
 def optimizer_state_tensors(opt) -> list[torch.Tensor]:
@@ -514,12 +528,12 @@ def _measure_cpu(model, batch, opt, params, out: MemoryBreakdown) -> None:
         model(**batch).loss.backward()
     grads = [p.grad for p in params if p.grad is not None]
     grad_ptrs = {g.untyped_storage().data_ptr() for g in grads}
-    out.gradients = _tensor_bytes(grads)
+    out.gradients = tensor_bytes(grads)
     out.activations = max(live_bytes(fb, exclude=grad_ptrs), default=0)
     with record_allocations("cpu") as st:
         optimizer_step(opt)
     state = optimizer_state_tensors(opt)
-    out.optimizer_state = _tensor_bytes(state)
+    out.optimizer_state = tensor_bytes(state)
     _paged_share(opt, out)
     out.optimizer_temporaries = max(live_bytes(st, exclude={t.untyped_storage().data_ptr() for t in state}),
                                     default=0)
@@ -541,14 +555,14 @@ def _measure_cuda(model, batch, opt, params, out: MemoryBreakdown) -> None:
         model(**batch).loss.backward()
         torch.cuda.synchronize()
         fb_peak = torch.cuda.max_memory_allocated() - base
-        out.gradients = _tensor_bytes(p.grad for p in params if p.grad is not None)
+        out.gradients = tensor_bytes(p.grad for p in params if p.grad is not None)
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         optimizer_step(opt)
         torch.cuda.synchronize()
         step_extra = torch.cuda.max_memory_allocated() - before
         model.zero_grad(set_to_none=True)
-    out.optimizer_state = _tensor_bytes(optimizer_state_tensors(opt))
+    out.optimizer_state = tensor_bytes(optimizer_state_tensors(opt))
     _paged_share(opt, out)
     out.activations = max(fb_peak - out.gradients, 0)
     out.optimizer_temporaries = max(step_extra, 0)
@@ -561,7 +575,7 @@ def _measure_cuda(model, batch, opt, params, out: MemoryBreakdown) -> None:
 def _paged_share(opt, out: MemoryBreakdown) -> None:
     """Optimizer state a paged bitsandbytes optimizer would place in unified memory (tensors >= 1e5 elements)."""
     if getattr(opt, "is_paged", False):
-        out.pageable = _tensor_bytes(t for p, s in opt.state.items() if p.numel() >= PAGED_MIN_SIZE
+        out.pageable = tensor_bytes(t for p, s in opt.state.items() if p.numel() >= PAGED_MIN_SIZE
                                      for t in s.values() if torch.is_tensor(t) and t.numel() == p.numel())
 
 
@@ -589,4 +603,5 @@ def random_llama(model: Any, folder, quantization: str | None = None, dtype: tor
         net = LlamaForCausalLM(llama_config(model)).to(dtype)
     net.save_pretrained(folder)  # round trip so 4-bit loading goes through transformers + bitsandbytes
     del net
-    return load_model(folder, quantization=quantization, compute_dtype=dtype)
+    return load_model(folder, quantization=quantization, compute_dtype=dtype,
+                      device_map={"": 0} if device == "cuda" else None)

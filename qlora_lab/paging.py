@@ -26,6 +26,7 @@ class Event:
     step: int = 0
     phase: str = ""
     label: str = ""
+    t: float = 0.0  # seconds since the trace started (real traces), for plotting
 
 
 @dataclass
@@ -319,6 +320,8 @@ class _Recorder:
 
     def __init__(self, trace: MemoryTrace):
         self.trace, self.next_id = trace, 0
+        self.t0: int | None = None                   # profiler clock (ns) of the first recorded event
+        self.now = 0.0
         self.live: dict[int, tuple[int, int]] = {}   # address -> (id, bytes)
         self.paged_ids: list[int] = []               # pageable allocations in creation (= parameter) order
 
@@ -342,7 +345,8 @@ class _Recorder:
         alive = {i for i, _ in self.live.values()}
         for i in self.paged_ids:
             if i in alive:
-                self.trace.events.append(Event("access", i, 0, True, step, "optimizer", "prefetch state"))
+                self.trace.events.append(Event("access", i, 0, True, step, "optimizer", "prefetch state",
+                                               self.now))
 
     def add(self, events, step: int, phase: str, paged: set[int] = frozenset(), transients: bool = True) -> None:
         """Append allocator events; allocations at `paged` addresses that outlive the batch become pageable."""
@@ -354,7 +358,9 @@ class _Recorder:
             elif ptr in open_at:
                 freed_within.add(open_at.pop(ptr))
         skipped: set[int] = set()
-        for k, (_, ptr, size) in enumerate(events):
+        for k, (ns, ptr, size) in enumerate(events):
+            self.t0 = ns if self.t0 is None else self.t0
+            self.now = (ns - self.t0) / 1e9
             if size > 0:
                 if not transients and k in freed_within:
                     skipped.add(ptr)
@@ -363,14 +369,14 @@ class _Recorder:
                 i = self._new()
                 self.live[ptr] = (i, size)
                 self.trace.events.append(Event("alloc", i, size, pageable, step, phase,
-                                               "optimizer state" if pageable else ""))
+                                               "optimizer state" if pageable else "", self.now))
                 if pageable:
                     self.paged_ids.append(i)
             elif ptr in skipped:
                 skipped.discard(ptr)
             elif ptr in self.live:
                 i, n = self.live.pop(ptr)
-                self.trace.events.append(Event("free", i, n, False, step, phase))
+                self.trace.events.append(Event("free", i, n, False, step, phase, t=self.now))
 
 
 # ---------------------------------------------------------------------------------------------------------

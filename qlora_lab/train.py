@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -95,8 +96,8 @@ class FinetuneConfig:
         """The recipe's shape (NF4+DQ, all linear layers, r=64, paged AdamW, constant lr) sized for 2 CPU cores."""
         values = dict(
             model_name_or_path=None, dataset="embedded", lora_dropout=0.05, learning_rate=1e-3,
-            per_device_train_batch_size=4, gradient_accumulation_steps=1, per_device_eval_batch_size=8,
-            max_steps=40, eval_steps=10, save_steps=10, logging_steps=2, max_length=192,
+            per_device_train_batch_size=2, gradient_accumulation_steps=1, per_device_eval_batch_size=8,
+            max_steps=30, eval_steps=15, save_steps=15, logging_steps=1, max_length=256,
             max_eval_samples=None, train_on="assistant", gradient_checkpointing=False,
             output_dir="outputs/guanaco-cpu",
         )
@@ -232,7 +233,6 @@ def training_arguments(config: FinetuneConfig):
         logging_steps=config.logging_steps, eval_strategy="steps", eval_steps=config.eval_steps,
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=2,
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
-        gradient_checkpointing=False,  # enabled on the model in add_adapters, with input grads
         bf16=on_cuda and config.compute_dtype == "bfloat16", seed=config.seed, data_seed=config.data_seed,
         remove_unused_columns=False, report_to=[], disable_tqdm=False, dataloader_num_workers=0,
         use_cpu=not on_cuda, save_only_model=False,
@@ -265,7 +265,10 @@ def finetune(config: FinetuneConfig, progress: bool = True, model=None, tokenize
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                       data_collator=collator, callbacks=[*_callbacks(), *callbacks])
     resume = last_complete_checkpoint(config.output_dir)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    with warnings.catch_warnings():
+        # On CPU bitsandbytes keeps paged state in ordinary memory and says so once per tensor.
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     adapter = Path(config.output_dir) / "adapter"
     save_adapter(trainer.model, adapter)
     history = trainer.state.log_history

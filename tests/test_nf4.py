@@ -223,3 +223,23 @@ def test_packing_errors():
         nf4.pack_nibbles(torch.tensor([16]))
     with pytest.raises(nf4.QuantizationError, match="does not fit"):
         nf4.unpack_nibbles(torch.zeros(2, 1, dtype=torch.uint8), 5)
+
+
+# --- the benchmark command -------------------------------------------------------------------------------------
+
+def test_bench_compares_side_by_side_and_bytes_match():
+    from qlora_lab import bench
+
+    result = bench.compare_quantize(size=256, repeats=2)
+    assert result["bytes_equal"] is True and result["ours_s"] > 0 and result["bnb_s"] > 0
+    assert result["ratio"] == result["ours_s"] / result["bnb_s"]
+    assert "ratio ours/bnb" in bench.report(result)
+    with pytest.raises(ValueError, match="int4"):
+        bench.compare_quantize(size=64, quant_type="int4")
+
+
+def test_bench_subcommand(capsys):
+    from qlora_lab import cli
+
+    assert cli.main(["bench", "--size", "128", "--repeats", "1", "--dtype", "fp16", "--quant-type", "fp4"]) == 0
+    assert "bytes equal: True" in capsys.readouterr().out

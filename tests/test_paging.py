@@ -122,6 +122,8 @@ def test_real_trace_long_batch_spikes_and_paging_survives():
     long_peak = max(d for d, s in zip(demand, steps) if s == 1)
     assert long_peak > short_peak + 50e6  # 256 tokens x 12 bytes x 49,152 vocab ~ 151 MB of loss head
     assert any(e.pageable for e in trace.events) and any(e.op == "access" for e in trace.events)
+    assert all(a.t <= b.t for a, b in zip(trace.events, trace.events[1:]))  # events in time order
+    assert [s["seq_len"] for s in trace.steps] == [16, 256, 16]
     capacity = (max(short_peak, max(pinned)) + long_peak) // 2
     with pytest.raises(paging.SimulatedOOM) as err:
         paging.simulate(trace, capacity, paging=False)

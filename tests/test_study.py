@@ -1,0 +1,124 @@
+"""qlora_lab.study: the shared 4-bit layer, the fair comparison with bitsandbytes + peft, and the runner."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qlora_lab import memory, nf4, study
+
+TINY = dict(seeds=(0,), max_steps=3, batch_size=2, max_length=32, eval_rows=2, eval_batch_size=2, lora_r=8,
+            num_layers=2)
+
+
+# --- the 4-bit layer ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("quant_type", nf4.QUANT_TYPES)
+@pytest.mark.parametrize("shape", [(96, 128), (3, 70)])  # the second has a short last block: reference path
+def test_fast_dequantize_is_bit_exact(quant_type, shape):
+    w = torch.randn(shape) * 0.05
+    q = nf4.quantize_4bit(w.to(torch.bfloat16), quant_type, 64)
+    for dtype in (torch.bfloat16, torch.float32):
+        assert torch.equal(study.fast_dequantize(q, dtype), nf4.dequantize_4bit(q, dtype))
+
+
+def test_frozen_layer_matches_dense_math_but_saves_no_16bit_weight():
+    w = (torch.randn(128, 192) * 0.05).to(torch.bfloat16)
+    layer = study.Frozen4bitLinear(nf4.quantize_4bit(w, "nf4", 64), double_quant=True, rounding="nearest")
+    dense_w = layer.dequantized_weight()
+    x = torch.randn(5, 192, dtype=torch.bfloat16, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+
+    saved: list[tuple[int, ...]] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = layer(x)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(("dense", *t.shape)) or t, lambda t: t):
+        y_ref = F.linear(x_ref, dense_w)
+    assert torch.equal(y, y_ref)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    assert torch.equal(x.grad, x_ref.grad)
+    assert [s for s in saved if s[0] != "dense"] == []  # ours saves nothing: backward re-reads the packed codes
+    assert ("dense", 192, 128) in saved  # a plain frozen linear keeps its 16-bit weight (transposed) for backward
+    assert not layer.weight.requires_grad and layer.weight.dtype == torch.uint8
+    assert layer.nbytes() == 128 * 192 // 2 + 384 + 4 * 2 + 4  # codes, 8-bit absmax, 2 absmax2, offset
+
+
+def test_frozen_layer_rejects_non_matrix():
+    q = nf4.quantize_4bit(torch.randn(64), "nf4", 64)
+    with pytest.raises(study.StudyError, match=r"2-D weight.*\(64,\)"):
+        study.Frozen4bitLinear(q)
+
+
+# --- the fair comparison -------------------------------------------------------------------------------------
+
+def test_nf4_dq_layer_gives_the_bitsandbytes_peft_loss():
+    cfg = study.StudyConfig(num_layers=2, max_length=64, lora_r=16)
+    check = study.fair_check(cfg, rows=2)
+    assert check.layers == 14 and check.layers_same_bytes == 14      # 7 linears x 2 blocks, byte-identical
+    assert check.loss_diff <= check.tolerance and check.passed
+    assert check.max_logit_diff == 0.0 and check.max_grad_rel_diff == 0.0  # CPU: the same ops on the same weights
+    # The check can tell formats apart: NF4 without DQ and FP4 miss the bitsandbytes NF4+DQ loss by far more.
+    for method in ("qlora_nf4", "qlora_fp4"):
+        assert abs(check.other[method] - check.loss_bnb) > 100 * max(check.tolerance, 1e-6), method
+
+
+# --- the runner ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("methods", [("lora", "qlora_nf3"), ("QLoRA",), "lora", ()])
+def test_unknown_methods_are_rejected_with_the_allowed_list(methods):
+    with pytest.raises(study.StudyError) as err:
+        study.StudyConfig(methods=methods)
+    assert "qlora_nf4_dq" in str(err.value) and "full" in str(err.value)
+    if methods and not isinstance(methods, str):
+        assert repr(methods[-1]) in str(err.value)
+
+
+def test_build_model_rejects_unknown_method():
+    with pytest.raises(study.StudyError, match=r"Unknown method\(s\) \['qlora_int3'\]; allowed: \['full'"):
+        study.build_model("qlora_int3", study.StudyConfig(**TINY), seed=0)
+
+
+@pytest.mark.parametrize("field, value", [("seeds", ()), ("seeds", (0, 0)), ("max_steps", 2), ("optim", "sgd"),
+                                          ("lora_lr", float("nan")), ("num_layers", 0), ("compute_dtype", "fp8")])
+def test_bad_settings_name_the_value(field, value):
+    with pytest.raises(study.StudyError, match=f"{field}="):
+        study.StudyConfig(**{**TINY, field: value})
+
+
+def test_batches_are_seeded_and_shared_by_methods():
+    texts = [f"t{i}" for i in range(5)]
+    a = study._batches(texts, 2, 4, seed=3)
+    assert a == study._batches(texts, 2, 4, seed=3) and a != study._batches(texts, 2, 4, seed=4)
+    assert sorted(sum(a[:2], []) + a[2][:1]) == sorted(texts)  # one pass over the data before repeating
+
+
+def test_tiny_study_two_methods_completes(tmp_path):
+    cfg = study.StudyConfig(methods=("lora", "qlora_int4"), **TINY)
+    results = study.run_study(cfg, progress=False)
+    assert [(r.method, r.seed) for r in results] == [("lora", 0), ("qlora_int4", 0)]
+    lora, int4 = results
+    for r in results:
+        assert len(r.train_losses) == 3 and all(math.isfinite(x) for x in r.train_losses)
+        assert math.isfinite(r.eval_loss) and r.eval_perplexity == pytest.approx(math.exp(r.eval_loss))
+        assert r.initial_eval_loss is not None and len(r.step_seconds) == 1 and r.median_step_s > 0
+        assert r.peak_bytes == r.resident_bytes + r.transient_peak_bytes > r.weight_bytes
+        assert r.checkpoint_bytes > 2 * r.trainable_params  # the bf16 adapter file plus its header
+    arch = memory.architecture(study.load_base(None, torch.bfloat16, 2).config)
+    shapes = arch.linear_shapes().values()
+    assert lora.trainable_params == int4.trainable_params == 2 * sum(8 * (i + o) for i, o in shapes)
+    assert lora.base_params == int4.base_params == arch.params
+    # The 4-bit base holds exactly 4 bits per weight + a float32 absmax per 64 instead of 16 bits per weight.
+    saved = arch.layers * sum(2 * i * o - (i * o // 2 + 4 * (i * o // 64)) for i, o in shapes)
+    assert lora.weight_bytes - int4.weight_bytes == saved
+    assert lora.optimizer_state_bytes == int4.optimizer_state_bytes == 8 * lora.trainable_params
+    table = study.summary_table(results)
+    assert list(table.index) == ["16-bit LoRA", "QLoRA Int4"]
+    assert table.loc["16-bit LoRA", "memory / LoRA"] == 1 and table.loc["16-bit LoRA", "step / LoRA"] == 1
+    assert table.loc["QLoRA Int4", "memory / LoRA"] < 1
+    with pytest.raises(study.StudyError, match="reference='full' has no runs"):
+        study.summary_table(results, reference="full")
