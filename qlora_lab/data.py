@@ -427,9 +427,14 @@ class GuanacoCollator:
     max_length: int = 512
     train_on: str = "assistant"
     pad_to_multiple_of: int | None = None
+    #: "tokens" cuts at max_length wherever it falls (qlora.py's way, but keeping EOS); "turns" keeps the
+    #: longest prefix of whole human/assistant exchanges that fits, so EOS follows a finished answer.
+    truncation: str = "tokens"
     _bos: int | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if self.truncation not in ("tokens", "turns"):
+            raise ValueError(f"truncation={self.truncation!r} is not one of ['tokens', 'turns']")
         if self.train_on not in ("assistant", "all"):
             raise ValueError(f"train_on={self.train_on!r} is not one of ['assistant', 'all']")
         if not isinstance(self.max_length, int) or self.max_length < 2:
@@ -449,12 +454,27 @@ class GuanacoCollator:
         """Token ids and labels of one text, cut to max_length with EOS kept as the last (labelled) token."""
         ids: list[int] = [] if self._bos is None else [self._bos]
         labels: list[int] = [IGNORE_INDEX] * len(ids)
-        for piece, is_answer in split_turns(text):
-            tokens = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        pieces = [(self.tokenizer(piece, add_special_tokens=False)["input_ids"], is_answer)
+                  for piece, is_answer in split_turns(text)]
+        if self.truncation == "turns":
+            pieces = self._whole_turns(pieces, self.max_length - 1 - len(ids))
+        for tokens, is_answer in pieces:
             ids += tokens
             labels += tokens if (is_answer or self.train_on == "all") else [IGNORE_INDEX] * len(tokens)
         eos = self.tokenizer.eos_token_id
         return ids[: self.max_length - 1] + [eos], labels[: self.max_length - 1] + [eos]
+
+    @staticmethod
+    def _whole_turns(pieces: list[tuple[list[int], bool]], budget: int) -> list[tuple[list[int], bool]]:
+        """The longest prefix ending with an answer that fits the budget (all pieces if none fits)."""
+        used, best = 0, None
+        for i, (tokens, is_answer) in enumerate(pieces):
+            used += len(tokens)
+            if used > budget:
+                break
+            if is_answer:
+                best = i + 1
+        return pieces[:best] if best else pieces
 
     @staticmethod
     def _text(feature: Any) -> str:

@@ -70,7 +70,7 @@ def _marker_stop(tokenizer, prompt_len: int):
     from transformers import StoppingCriteria
 
     class StopAtMarker(StoppingCriteria):
-        """Stop once the reply contains a turn marker: the model is writing the other speaker's part."""
+        """Stop a row once its reply contains a turn marker: the model is writing the other speaker's part."""
 
         def __call__(self, input_ids, scores, **kwargs):
             tails = tokenizer.batch_decode(input_ids[:, prompt_len:])
@@ -80,30 +80,47 @@ def _marker_stop(tokenizer, prompt_len: int):
 
 
 @torch.no_grad()
-def generate_reply(model, tokenizer, prompt: str, max_new_tokens: int = 96, do_sample: bool = False,
-                   temperature: float = 0.7, top_p: float = 0.9) -> Reply:
-    """Generate until EOS, a turn marker or the budget; report which of the three ended it."""
+def generate_replies(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 96, do_sample: bool = False,
+                     temperature: float = 0.7, top_p: float = 0.9, batch_size: int = 16) -> list[Reply]:
+    """Generate in left-padded batches until EOS, a turn marker or the budget; say which ended each reply."""
     from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
-    ids = tokenizer(prompt, return_tensors="pt").to(device)
-    prompt_len = ids["input_ids"].shape[1]
     kwargs: dict[str, Any] = dict(do_sample=do_sample)
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p)
-    out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id,
-                         stopping_criteria=StoppingCriteriaList([_marker_stop(tokenizer, prompt_len)]), **kwargs)
-    new = out[0, prompt_len:].tolist()
+    replies: list[Reply] = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the last position of every row
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True).to(device)
+            width = batch["input_ids"].shape[1]
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id,
+                                 stopping_criteria=StoppingCriteriaList([_marker_stop(tokenizer, width)]), **kwargs)
+            replies += [_reply(tokenizer, row[width:].tolist()) for row in out]
+    finally:
+        tokenizer.padding_side = side
+    return replies
+
+
+def _reply(tokenizer, new: list[int]) -> Reply:
+    """Cut a generated continuation at EOS or at a turn marker, recording which happened."""
     ended_with_eos = tokenizer.eos_token_id in new
     if ended_with_eos:
         new = new[: new.index(tokenizer.eos_token_id)]
     text = tokenizer.decode(new, skip_special_tokens=True)
     cut = min([text.find(m) for m in TURN_MARKERS if m in text], default=-1)
-    wrote_other = cut >= 0
-    if wrote_other:
-        text = text[:cut]
-    return Reply(text.strip(), len(new), ended_with_eos, wrote_other)
+    if cut >= 0:  # generation stopped at the marker; any EOS after it is the batch's padding
+        text, ended_with_eos = text[:cut], False
+    return Reply(text.strip(), len(new), ended_with_eos, cut >= 0)
+
+
+def generate_reply(model, tokenizer, prompt: str, max_new_tokens: int = 96, do_sample: bool = False,
+                   temperature: float = 0.7, top_p: float = 0.9) -> Reply:
+    """One reply (see generate_replies)."""
+    return generate_replies(model, tokenizer, [prompt], max_new_tokens, do_sample, temperature, top_p)[0]
 
 
 def chat(model, tokenizer, question: str, history: Sequence[tuple[str, str]] = (), max_new_tokens: int = 96,
@@ -118,7 +135,7 @@ def format_adherence(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     """Share of replies that end cleanly (EOS within budget, no other speaker's turn), with the replies."""
     if not prompts:
         raise ValueError("format_adherence needs at least one prompt")
-    replies = [generate_reply(model, tokenizer, guanaco_prompt(q, system=system), max_new_tokens) for q in prompts]
+    replies = generate_replies(model, tokenizer, [guanaco_prompt(q, system=system) for q in prompts], max_new_tokens)
     return sum(r.clean for r in replies) / len(replies), replies
 
 

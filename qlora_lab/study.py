@@ -173,7 +173,7 @@ class StudyConfig:
     seeds: Sequence[int] = (0, 1)
     model_name: str | None = None  # None = the embedded SmolLM2-135M-Instruct
     data_source: str = "embedded"
-    max_steps: int = 12
+    max_steps: int = 10
     batch_size: int = 4
     max_length: int = 128
     eval_rows: int | None = None  # None = the whole validation split
@@ -182,8 +182,8 @@ class StudyConfig:
     lora_r: int = 64
     lora_alpha: float = 16
     lora_dropout: float = 0.05
-    lora_lr: float = 1e-3  # every LoRA method (16-bit and 4-bit) uses this one
-    full_lr: float = 5e-5  # full fine-tuning moves every weight: a smaller step
+    lora_lr: float = 2e-3  # every LoRA method (16-bit and 4-bit) uses this one
+    full_lr: float = 2e-4  # full fine-tuning moves every weight: a 10x smaller step
     max_grad_norm: float = 0.3
     optim: str = "paged_adamw_32bit"  # qlora.py's; on CPU bitsandbytes keeps its state in ordinary memory
     blocksize: int = 64
@@ -250,6 +250,13 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _model_path(model_name: str | None) -> str:
+    """The embedded model's folder for None or its aliases; any other name passes through (hub id or path)."""
+    if model_name is None or str(model_name) in models.EMBEDDED_ALIASES:
+        return str(models.embedded_model_path())
+    return str(model_name)
+
+
 def load_base(model_name: str | None, dtype: torch.dtype, layers: int | None = None, quantization: str | None = None):
     """The base model in `dtype` (or through bitsandbytes), optionally cut to its first `layers` blocks."""
     if layers is None:
@@ -257,8 +264,7 @@ def load_base(model_name: str | None, dtype: torch.dtype, layers: int | None = N
     else:  # the same loader, with the config cut short: only those blocks are read (and quantized)
         from transformers import AutoModelForCausalLM
 
-        path = models.embedded_model_path() if model_name is None or model_name in models.EMBEDDED_ALIASES \
-            else model_name
+        path = _model_path(model_name)
         qconfig = models.quantization_config(quantization, True, dtype)
         device_map = ({"": 0} if torch.cuda.is_available() else "cpu") if qconfig else None
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=qconfig,
@@ -507,6 +513,13 @@ def run_one(method: str, seed: int, cfg: StudyConfig, tokenizer, train_texts: Se
                      lr=cfg.lr(method), memory_method=how, wall_s=time.perf_counter() - start)
 
 
+def model_config(model_name: str | None = None):
+    """The transformers config of the study's model (for the memory estimator), without loading weights."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(_model_path(model_name))
+
+
 def load_texts(cfg: StudyConfig) -> tuple[list[str], list[str]]:
     """Training texts and held-out (validation) texts in Guanaco format."""
     train = list(data.load_guanaco(cfg.data_source, "train")["text"])
@@ -632,11 +645,22 @@ def _loss_and_grads(model, batch) -> tuple[float, torch.Tensor, dict[str, torch.
     return float(out.loss.detach()), out.logits.detach().float(), grads
 
 
+def _randomize_lora_b(model, seed: int, std: float = 0.01) -> None:
+    """Seeded non-zero B matrices, so the adapters change the output and both A and B get gradients."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
 def fair_check(cfg: StudyConfig | None = None, seed: int = 0, rows: int = 4,
                compare: Sequence[str] = ("qlora_nf4", "qlora_fp4"), cache: QuantCache | None = None) -> FairCheck:
     """Loss and LoRA gradients of our NF4+DQ model vs the transformers + bitsandbytes + peft model on one batch.
 
-    LoRA dropout is set to 0 in both (its masks are random), everything else is the study's setting. `compare`
+    The adapters get seeded random A and B (B is zero at the start of training, which would leave the adapters
+    out of the loss), copied from our model into theirs. LoRA dropout is 0 in both (its masks are random),
+    everything else is the study's setting. `compare`
     lists other 4-bit variants whose loss against the same bitsandbytes model is also reported: they must
     differ by far more than the tolerance, or the check could not tell formats apart. Pass the study's
     `cache` to reuse the quantized weights.
@@ -651,6 +675,7 @@ def fair_check(cfg: StudyConfig | None = None, seed: int = 0, rows: int = 4,
     layers = cfg.num_layers
     cache = cache if cache is not None else QuantCache()
     ours = build_with_base(load_base(cfg.model_name, cfg.dtype, layers), "qlora_nf4_dq", cfg, seed, cache)
+    _randomize_lora_b(ours, seed)  # B = 0 would leave the adapters out of the loss (and A without gradient)
     theirs = add_lora(load_base(cfg.model_name, cfg.dtype, layers, quantization="nf4"), cfg, seed)
     lora_state = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
     missing = theirs.load_state_dict(lora_state, strict=False)

@@ -60,6 +60,7 @@ class FinetuneConfig:
     logging_steps: int = 10
     max_length: int = 512  # qlora.py: source_max_len 16 + target_max_len 512 (oasst1 has no source)
     max_eval_samples: int | None = 1000
+    truncation: str = "tokens"  # "turns": cut long rows at a turn boundary, so EOS follows a whole answer
     group_by_length: bool = True
     train_on: str = "all"  # qlora.py trains on the whole conversation for oasst1
     gradient_checkpointing: bool = True
@@ -97,7 +98,7 @@ class FinetuneConfig:
         values = dict(
             model_name_or_path=None, dataset="embedded", lora_dropout=0.05, learning_rate=1e-3,
             per_device_train_batch_size=2, gradient_accumulation_steps=1, per_device_eval_batch_size=8,
-            max_steps=30, eval_steps=15, save_steps=15, logging_steps=1, max_length=256,
+            max_steps=30, eval_steps=15, save_steps=15, logging_steps=1, max_length=384, truncation="turns",
             max_eval_samples=None, train_on="assistant", gradient_checkpointing=False,
             output_dir="outputs/guanaco-cpu",
         )
@@ -126,6 +127,8 @@ class FinetuneConfig:
             raise bad("lr_scheduler_type", f"one of {list(SCHEDULERS)}")
         if self.train_on not in ("assistant", "all"):
             raise bad("train_on", "'assistant' or 'all'")
+        if self.truncation not in ("tokens", "turns"):
+            raise bad("truncation", "'tokens' or 'turns'")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise bad("learning_rate", "a finite number > 0")
         if not self.lora_alpha > 0:
@@ -258,12 +261,17 @@ def finetune(config: FinetuneConfig, progress: bool = True, model=None, tokenize
     if model is None or tokenizer is None:
         tokenizer, model = load_base(config)
     model = add_adapters(model, config)
-    collator = data.GuanacoCollator(tokenizer, max_length=config.max_length, train_on=config.train_on)
+    collator = data.GuanacoCollator(tokenizer, max_length=config.max_length, train_on=config.train_on,
+                                    truncation=config.truncation)
     train_set, eval_set = load_datasets(config, collator)
     args = training_arguments(config)
     args.disable_tqdm = not progress
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                       data_collator=collator, callbacks=[*_callbacks(), *callbacks])
+    if not progress:  # without a progress bar Trainer prints every log dict; keep quiet instead
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     resume = last_complete_checkpoint(config.output_dir)
     with warnings.catch_warnings():
         # On CPU bitsandbytes keeps paged state in ordinary memory and says so once per tensor.
@@ -272,8 +280,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, model=None, tokenize
     adapter = Path(config.output_dir) / "adapter"
     save_adapter(trainer.model, adapter)
     history = trainer.state.log_history
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = model.get_nb_trainable_parameters()  # counts 4-bit weights as unpacked parameters
     return FinetuneResult(
         loss_history=[{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
         eval_losses=[{"step": h["step"], "eval_loss": h["eval_loss"]} for h in history if "eval_loss" in h],

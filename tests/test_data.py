@@ -508,3 +508,16 @@ def test_dataset_stats_and_histogram(tok):
     ax = data.plot_length_histogram(stats, max_length=512)
     assert sum(p.get_height() for p in ax.patches) == len(ds)
     matplotlib.pyplot.close("all")
+
+
+def test_turn_truncation_keeps_whole_exchanges(tok):
+    text = "### Human: Name a colour.### Assistant: Blue.### Human: Another one?### Assistant: " + "Green " * 80
+    collator = data.GuanacoCollator(tok, max_length=40, truncation="turns")
+    ids, labels = collator.encode(text)
+    assert tok.decode(ids).endswith("Blue." + tok.eos_token)  # the long second answer is dropped whole
+    assert labels[-1] == tok.eos_token_id
+    too_long = "### Human: Hi### Assistant: " + "word " * 100
+    ids, labels = collator.encode(too_long)  # nothing whole fits: fall back to cutting tokens
+    assert len(ids) == 40 and labels[-1] == tok.eos_token_id
+    with pytest.raises(ValueError, match="truncation='words'"):
+        data.GuanacoCollator(tok, max_length=40, truncation="words")
