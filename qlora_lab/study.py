@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import statistics
 import tempfile
@@ -56,7 +55,7 @@ def _pair_table(quant_type: str) -> torch.Tensor:
 
 
 def fast_dequantize(q: nf4.Quantized4bit, dtype: torch.dtype) -> torch.Tensor:
-    """`nf4.dequantize_4bit`, bit for bit, but ~2x faster: it runs in every forward and backward of QLoRA."""
+    """`nf4.dequantize_4bit` bit for bit, 2-6x faster on a CPU: it runs in every forward and backward of QLoRA."""
     n = q.numel
     if n % q.blocksize or n % 2:  # a short last block: the reference path handles it
         return nf4.dequantize_4bit(q, dtype)
@@ -86,10 +85,11 @@ class Frozen4bitLinear(torch.nn.Linear):
 
     It subclasses nn.Linear for the same reason bitsandbytes' Linear4bit does: peft then wraps it with its
     ordinary LoRA layer. `weight` holds the packed bytes (uint8, frozen); no 16-bit copy is ever kept.
+    `rounding` of the double quantization defaults to what bitsandbytes does on the weight's device.
     """
 
     def __init__(self, q: nf4.Quantized4bit, double_quant: bool = False, compute_dtype: torch.dtype = torch.bfloat16,
-                 rounding: str = "nearest", bias: torch.Tensor | None = None):
+                 rounding: str | None = None, bias: torch.Tensor | None = None):
         torch.nn.Module.__init__(self)
         if len(q.shape) != 2:
             raise StudyError(f"Frozen4bitLinear needs a 2-D weight (out, in); got shape {tuple(q.shape)}")
@@ -98,7 +98,7 @@ class Frozen4bitLinear(torch.nn.Linear):
         self.compute_dtype = compute_dtype
         self.weight = torch.nn.Parameter(q.packed, requires_grad=False)
         if double_quant:
-            d = dq.double_quantize(q.absmax, rounding=rounding)
+            d = dq.double_quantize(q.absmax, rounding=rounding or default_rounding(q.packed.device))
             self.dq_blocksize = d.blocksize
             self.register_buffer("absmax_codes", d.codes)
             self.register_buffer("absmax2", d.absmax2)
@@ -187,10 +187,13 @@ class StudyConfig:
     max_grad_norm: float = 0.3
     optim: str = "paged_adamw_32bit"  # qlora.py's; on CPU bitsandbytes keeps its state in ordinary memory
     blocksize: int = 64
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "bfloat16"  # the only one allowed: QLoRA's compute dtype
     num_layers: int | None = None  # None = every block; a number cuts the model short (tests, quick looks)
 
     def __post_init__(self) -> None:
+        check_methods(self.methods)  # before tuple(): a bare string would fall apart into letters
+        if not isinstance(self.seeds, (list, tuple)):
+            raise StudyError(f"seeds={self.seeds!r}: give a list of distinct integers, e.g. (0, 1)")
         self.methods, self.seeds = tuple(self.methods), tuple(self.seeds)
         self.validate()
 
@@ -218,8 +221,8 @@ class StudyConfig:
             raise StudyError(f"lora_dropout={self.lora_dropout!r}: need 0 <= dropout < 1")
         if self.optim not in OPTIMIZERS:
             raise StudyError(f"optim={self.optim!r} is not one of {list(OPTIMIZERS)}")
-        if self.compute_dtype not in ("bfloat16", "float16"):
-            raise StudyError(f"compute_dtype={self.compute_dtype!r} is not one of ['bfloat16', 'float16']")
+        if self.compute_dtype != "bfloat16":  # the paper's; full fine-tuning's autocast uses it too
+            raise StudyError(f"compute_dtype={self.compute_dtype!r} is not allowed; the study computes in 'bfloat16'")
         if self.blocksize not in nf4.ALLOWED_BLOCKSIZES:
             raise StudyError(f"blocksize={self.blocksize!r} is not one of {list(nf4.ALLOWED_BLOCKSIZES)}")
         if self.train_on not in ("assistant", "all"):
@@ -349,6 +352,8 @@ class RunResult:
     initial_eval_loss: float | None
     step_seconds: list[float]
     median_step_s: float
+    step_cpu_seconds: list[float]
+    median_step_cpu_s: float
     peak_bytes: int
     resident_bytes: int
     transient_peak_bytes: int
@@ -481,7 +486,7 @@ def run_one(method: str, seed: int, cfg: StudyConfig, tokenizer, train_texts: Se
     opt = make_optimizer(params, cfg.optim, cfg.lr(method))
     collator = data.GuanacoCollator(tokenizer, max_length=cfg.max_length, train_on=cfg.train_on)
     torch.manual_seed(seed)  # LoRA dropout masks
-    losses, times = [], []
+    losses, times, cpu_times = [], [], []
     peak = resident = weights = state = transient = 0
     how = ""
     for step, texts in enumerate(_batches(train_texts, cfg.batch_size, cfg.max_steps, seed)):
@@ -492,11 +497,12 @@ def run_one(method: str, seed: int, cfg: StudyConfig, tokenizer, train_texts: Se
             peak = resident + transient
         else:
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = _step(model, params, batch, opt, cfg.max_grad_norm)
             _sync(device)
             if step >= 2:  # step 0 warms up (allocations, lazy init)
                 times.append(time.perf_counter() - t0)
+                cpu_times.append(time.process_time() - c0)  # all threads; not inflated by waiting for a core
         if not math.isfinite(loss):
             raise FloatingPointError(f"{method} seed {seed}: training loss became {loss} at step {step}; "
                                      f"lower the learning rate (now {cfg.lr(method)})")
@@ -507,7 +513,8 @@ def run_one(method: str, seed: int, cfg: StudyConfig, tokenizer, train_texts: Se
     del model, opt, params
     return RunResult(method=method, seed=seed, train_losses=losses, eval_loss=final,
                      eval_perplexity=math.exp(final), initial_eval_loss=initial, step_seconds=times,
-                     median_step_s=statistics.median(times), peak_bytes=peak, resident_bytes=resident,
+                     median_step_s=statistics.median(times), step_cpu_seconds=cpu_times,
+                     median_step_cpu_s=statistics.median(cpu_times), peak_bytes=peak, resident_bytes=resident,
                      transient_peak_bytes=transient, weight_bytes=weights, optimizer_state_bytes=state,
                      trainable_params=trainable, base_params=base_params, checkpoint_bytes=size,
                      lr=cfg.lr(method), memory_method=how, wall_s=time.perf_counter() - start)
@@ -543,8 +550,8 @@ def run_study(cfg: StudyConfig, progress: bool = True, cache: QuantCache | None 
             results.append(result)
             if progress:
                 print(f"{LABELS[method]:>13} seed {seed}: held-out loss {result.eval_loss:.4f}, "
-                      f"median step {result.median_step_s:.2f} s, peak {result.peak_bytes / 2**20:,.0f} MiB, "
-                      f"{result.wall_s:.0f} s", flush=True)
+                      f"median step {result.median_step_s:.2f} s ({result.median_step_cpu_s:.2f} CPU s), "
+                      f"peak {result.peak_bytes / 2**20:,.0f} MiB, run {result.wall_s:.0f} s", flush=True)
             if on_result:
                 on_result(result)
         later = cfg.methods[cfg.methods.index(method) + 1:]
@@ -559,8 +566,9 @@ def runs_table(results: Sequence[RunResult]):
     import pandas as pd
 
     rows = [{"method": r.label, "seed": r.seed, "held-out loss": r.eval_loss, "perplexity": r.eval_perplexity,
-             "median step s": r.median_step_s, "peak MiB": r.peak_bytes / 2**20,
-             "trainable params": r.trainable_params, "checkpoint bytes": r.checkpoint_bytes}
+             "median step s": r.median_step_s, "median step CPU s": r.median_step_cpu_s,
+             "peak MiB": r.peak_bytes / 2**20, "trainable params": r.trainable_params,
+             "checkpoint bytes": r.checkpoint_bytes}
             for r in results]
     return pd.DataFrame(rows)
 
@@ -575,6 +583,7 @@ def summary_table(results: Sequence[RunResult], reference: str = REFERENCE):
         raise StudyError(f"reference={reference!r} has no runs; the results hold {methods}")
     ref_mem = statistics.mean(r.peak_bytes for r in by[reference])
     ref_time = statistics.mean(r.median_step_s for r in by[reference])
+    ref_cpu = statistics.mean(r.median_step_cpu_s for r in by[reference])
     ref_loss = statistics.mean(r.eval_loss for r in by[reference])
     rows = []
     for m in methods:
@@ -582,6 +591,7 @@ def summary_table(results: Sequence[RunResult], reference: str = REFERENCE):
         losses = [r.eval_loss for r in runs]
         mem = statistics.mean(r.peak_bytes for r in runs)
         step = statistics.mean(r.median_step_s for r in runs)
+        cpu = statistics.mean(r.median_step_cpu_s for r in runs)
         rows.append({
             "method": LABELS[m], "seeds": len(runs),
             "loss mean": statistics.mean(losses), "loss min": min(losses), "loss max": max(losses),
@@ -589,7 +599,7 @@ def summary_table(results: Sequence[RunResult], reference: str = REFERENCE):
             "loss before": runs[0].initial_eval_loss,
             "trainable params": runs[0].trainable_params, "trainable %": 100 * runs[0].trainable_share,
             "peak MiB": mem / 2**20, "memory / LoRA": mem / ref_mem,
-            "step s": step, "step / LoRA": step / ref_time,
+            "step s": step, "step / LoRA": step / ref_time, "step CPU s": cpu, "CPU step / LoRA": cpu / ref_cpu,
             "checkpoint MB": runs[0].checkpoint_bytes / 1e6,
         })
     return pd.DataFrame(rows).set_index("method")

@@ -84,7 +84,8 @@ def test_build_model_rejects_unknown_method():
 
 
 @pytest.mark.parametrize("field, value", [("seeds", ()), ("seeds", (0, 0)), ("max_steps", 2), ("optim", "sgd"),
-                                          ("lora_lr", float("nan")), ("num_layers", 0), ("compute_dtype", "fp8")])
+                                          ("lora_lr", float("nan")), ("num_layers", 0), ("compute_dtype", "fp8"),
+                                          ("seeds", 3)])
 def test_bad_settings_name_the_value(field, value):
     with pytest.raises(study.StudyError, match=f"{field}="):
         study.StudyConfig(**{**TINY, field: value})
@@ -105,7 +106,8 @@ def test_tiny_study_two_methods_completes(tmp_path):
     for r in results:
         assert len(r.train_losses) == 3 and all(math.isfinite(x) for x in r.train_losses)
         assert math.isfinite(r.eval_loss) and r.eval_perplexity == pytest.approx(math.exp(r.eval_loss))
-        assert r.initial_eval_loss is not None and len(r.step_seconds) == 1 and r.median_step_s > 0
+        assert r.initial_eval_loss is not None and len(r.step_seconds) == len(r.step_cpu_seconds) == 1
+        assert r.median_step_s > 0 and r.median_step_cpu_s > 0
         assert r.peak_bytes == r.resident_bytes + r.transient_peak_bytes > r.weight_bytes
         assert r.checkpoint_bytes > 2 * r.trainable_params  # the bf16 adapter file plus its header
     arch = memory.architecture(study.load_base(None, torch.bfloat16, 2).config)
@@ -118,7 +120,7 @@ def test_tiny_study_two_methods_completes(tmp_path):
     assert lora.optimizer_state_bytes == int4.optimizer_state_bytes == 8 * lora.trainable_params
     table = study.summary_table(results)
     assert list(table.index) == ["16-bit LoRA", "QLoRA Int4"]
-    assert table.loc["16-bit LoRA", "memory / LoRA"] == 1 and table.loc["16-bit LoRA", "step / LoRA"] == 1
+    assert table.loc["16-bit LoRA", ["memory / LoRA", "step / LoRA", "CPU step / LoRA"]].tolist() == [1, 1, 1]
     assert table.loc["QLoRA Int4", "memory / LoRA"] < 1
     with pytest.raises(study.StudyError, match="reference='full' has no runs"):
         study.summary_table(results, reference="full")
