@@ -37,12 +37,12 @@ class MemoryTrace:
     steps: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def demand(self) -> list[int]:
-        """Bytes the trace needs on the device after each event if nothing were paged out."""
+    def _live_bytes(self, pinned_only: bool) -> list[int]:
+        """Bytes of live allocations (all, or only pinned ones) after each event."""
         live: dict[int, int] = {}
         cur, out = 0, []
         for e in self.events:
-            if e.op == "alloc":
+            if e.op == "alloc" and not (pinned_only and e.pageable):
                 live[e.id] = e.nbytes
                 cur += e.nbytes
             elif e.op == "free":
@@ -50,18 +50,13 @@ class MemoryTrace:
             out.append(cur)
         return out
 
+    def demand(self) -> list[int]:
+        """Bytes the trace needs on the device after each event if nothing were paged out."""
+        return self._live_bytes(pinned_only=False)
+
     def pinned(self) -> list[int]:
         """Bytes of pinned (never pageable) allocations alive after each event."""
-        live: dict[int, int] = {}
-        cur, out = 0, []
-        for e in self.events:
-            if e.op == "alloc" and not e.pageable:
-                live[e.id] = e.nbytes
-                cur += e.nbytes
-            elif e.op == "free":
-                cur -= live.pop(e.id, 0)
-            out.append(cur)
-        return out
+        return self._live_bytes(pinned_only=True)
 
 
 class SimulatedOOM(RuntimeError):
