@@ -14,6 +14,9 @@ from .data import GuanacoCollator, to_guanaco_text
 GUANACO_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
                   "gives helpful, detailed, and polite answers to the user's questions.")
 TURN_MARKERS = ("### Human:", "### Assistant:")
+#: Keskar et al. (2019, CTRL) proposed dividing the logits of already-seen tokens by 1.2; it stops the greedy
+#: loops small models fall into ("I can help. I can help. ...") without changing what an answer says.
+REPETITION_PENALTY = 1.2
 
 
 @torch.no_grad()
@@ -62,8 +65,17 @@ class Reply:
 
     @property
     def clean(self) -> bool:
-        """Ended by EOS within budget without writing the human's (or a new assistant) turn."""
-        return self.ended_with_eos and not self.wrote_other_turn
+        """Said something, then ended by EOS within budget without writing the human's (or a new assistant) turn."""
+        return bool(self.text) and self.ended_with_eos and not self.wrote_other_turn
+
+    @property
+    def ending(self) -> str:
+        """How the reply ended, in words: 'EOS', 'empty', 'wrote a turn marker' or 'ran out of tokens'."""
+        if self.wrote_other_turn:
+            return "wrote a turn marker"
+        if self.ended_with_eos:
+            return "EOS" if self.text else "empty"
+        return "ran out of tokens"
 
 
 def _marker_stop(tokenizer, prompt_len: int):
@@ -81,12 +93,19 @@ def _marker_stop(tokenizer, prompt_len: int):
 
 @torch.no_grad()
 def generate_replies(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 96, do_sample: bool = False,
-                     temperature: float = 0.7, top_p: float = 0.9, batch_size: int = 16) -> list[Reply]:
+                     temperature: float = 0.7, top_p: float = 0.9, batch_size: int = 16,
+                     repetition_penalty: float = 1.0) -> list[Reply]:
     """Generate in left-padded batches until EOS, a turn marker or the budget; say which ended each reply."""
     from transformers import StoppingCriteriaList
 
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} is not allowed: a whole number >= 1")
+    if not (isinstance(repetition_penalty, (int, float)) and math.isfinite(repetition_penalty)
+            and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty={repetition_penalty!r} is not allowed: a finite number > 0 "
+                         f"(1.0 = none, {REPETITION_PENALTY} = CTRL's)")
     device = next(model.parameters()).device
-    kwargs: dict[str, Any] = dict(do_sample=do_sample)
+    kwargs: dict[str, Any] = dict(do_sample=do_sample, repetition_penalty=float(repetition_penalty))
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p)
     replies: list[Reply] = []
@@ -118,24 +137,28 @@ def _reply(tokenizer, new: list[int]) -> Reply:
 
 
 def generate_reply(model, tokenizer, prompt: str, max_new_tokens: int = 96, do_sample: bool = False,
-                   temperature: float = 0.7, top_p: float = 0.9) -> Reply:
+                   temperature: float = 0.7, top_p: float = 0.9, repetition_penalty: float = 1.0) -> Reply:
     """One reply (see generate_replies)."""
-    return generate_replies(model, tokenizer, [prompt], max_new_tokens, do_sample, temperature, top_p)[0]
+    return generate_replies(model, tokenizer, [prompt], max_new_tokens, do_sample, temperature, top_p,
+                            repetition_penalty=repetition_penalty)[0]
 
 
 def chat(model, tokenizer, question: str, history: Sequence[tuple[str, str]] = (), max_new_tokens: int = 96,
-         do_sample: bool = False, system: str | None = GUANACO_SYSTEM) -> str:
+         do_sample: bool = False, system: str | None = GUANACO_SYSTEM, repetition_penalty: float = 1.0) -> str:
     """Answer one question in Guanaco format, stopping at EOS or the next '### Human:'."""
     prompt = guanaco_prompt(question, history, system)
-    return generate_reply(model, tokenizer, prompt, max_new_tokens, do_sample).text
+    return generate_reply(model, tokenizer, prompt, max_new_tokens, do_sample,
+                          repetition_penalty=repetition_penalty).text
 
 
 def format_adherence(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 96,
-                     system: str | None = GUANACO_SYSTEM) -> tuple[float, list[Reply]]:
-    """Share of replies that end cleanly (EOS within budget, no other speaker's turn), with the replies."""
+                     system: str | None = GUANACO_SYSTEM, repetition_penalty: float = 1.0,
+                     ) -> tuple[float, list[Reply]]:
+    """Share of greedy replies that end cleanly (non-empty, EOS within budget, no other speaker's turn)."""
     if not prompts:
         raise ValueError("format_adherence needs at least one prompt")
-    replies = generate_replies(model, tokenizer, [guanaco_prompt(q, system=system) for q in prompts], max_new_tokens)
+    replies = generate_replies(model, tokenizer, [guanaco_prompt(q, system=system) for q in prompts], max_new_tokens,
+                               repetition_penalty=repetition_penalty)
     return sum(r.clean for r in replies) / len(replies), replies
 
 

@@ -98,7 +98,7 @@ class FinetuneConfig:
         values = dict(
             model_name_or_path=None, dataset="embedded", lora_dropout=0.05, learning_rate=1e-3,
             per_device_train_batch_size=2, gradient_accumulation_steps=1, per_device_eval_batch_size=8,
-            max_steps=30, eval_steps=15, save_steps=15, logging_steps=1, max_length=384, truncation="turns",
+            max_steps=40, eval_steps=20, save_steps=20, logging_steps=1, max_length=384, truncation="turns",
             max_eval_samples=None, train_on="assistant", gradient_checkpointing=False,
             output_dir="outputs/guanaco-cpu",
         )
