@@ -29,6 +29,17 @@ def test_parameters_cell_lists_the_profile_parameters():
         assert names == {"profile", *course.PROFILES["cpu"][path.stem]}, path.name
 
 
+def test_papermill_reads_every_parameter(caplog):
+    """papermill skips (and warns about) a parameter line with a second '=' in its comment."""
+    import papermill
+
+    for path in course.notebooks():
+        caplog.clear()
+        found = set(papermill.inspect_notebook(str(path)))
+        assert found == {"profile", *course.PROFILES["cpu"][path.stem]}, path.name
+        assert "Unable to parse" not in caplog.text, path.name
+
+
 def test_settings_fill_from_profile_and_override():
     cfg = course.settings("00_welcome", "cpu", max_new_tokens=None)
     assert cfg.max_new_tokens == course.PROFILES["cpu"]["00_welcome"]["max_new_tokens"]
