@@ -190,6 +190,7 @@ def execute_notebook(path: Path, output: Path, parameters: dict[str, Any] | None
         str(path), str(output), parameters=parameters or {}, cwd=str(path.parent),
         kernel_name="python3", progress_bar=progress, log_output=False, execution_timeout=timeout,
         report_mode=False,
+        extra_arguments=["--IPKernelApp.log_level=ERROR"],  # not the kernel's "TCP without encryption" notice
     )
 
 
