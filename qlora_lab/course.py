@@ -18,13 +18,13 @@ PROFILE_NAMES = ("cpu", "gpu")
 #: What each notebook teaches and its measured CPU minutes on 2 cores (cpu profile). Keyed by notebook stem.
 COURSE_MAP: dict[str, tuple[str, str, float]] = {
     "00_welcome": ("Welcome", "course map, environment check, the embedded model in 16-bit and NF4, the two prompt formats", 1),
-    "01_lora_low_rank_math": ("LoRA low-rank math", "W0 + (alpha/r)BA, init, scaling, merge, parameter counts, rank of real updates; equal to peft", 2),
-    "02_nf4_quantiles": ("NF4 quantiles", "normal quantiles to a 16-value code, blockwise absmax, nibble packing, FP4/Int4; byte-equal to bitsandbytes", 3),
-    "03_double_quantization": ("Double quantization", "8-bit quantization of the absmax constants: 4.5 to 4.127 bits/param", 3),
-    "04_paged_optimizers": ("Paged optimizers", "memory spikes, unified-memory paging, OOM without paging and survival with it", 3),
-    "05_memory_budget": ("Memory budget", "an estimator for full / LoRA / QLoRA by model size, checked against measurement", 3),
-    "06_guanaco_oasst1_finetune": ("Guanaco OASST1 fine-tune", "OASST1 trees to Guanaco text, QLoRA with the paper's recipe, evaluate, chat, save, merge", 6),
-    "07_qlora_vs_lora_vs_full": ("QLoRA vs LoRA vs full", "the same run in 16-bit full, 16-bit LoRA and QLoRA NF4+DQ / NF4 / FP4 / Int4", 8),
+    "01_lora_low_rank_math": ("LoRA low-rank math", "W0 + (alpha/r)BA, init, scaling, merge, parameter counts, rank of real updates; equal to peft", 1),
+    "02_nf4_quantiles": ("NF4 quantiles", "normal quantiles to a 16-value code, blockwise absmax, nibble packing, FP4/Int4; byte-equal to bitsandbytes", 1),
+    "03_double_quantization": ("Double quantization", "8-bit quantization of the absmax constants: 4.5 to 4.127 bits/param", 1),
+    "04_paged_optimizers": ("Paged optimizers", "memory spikes, unified-memory paging, OOM without paging and survival with it", 1),
+    "05_memory_budget": ("Memory budget", "an estimator for full / LoRA / QLoRA by model size, checked against measurement", 1),
+    "06_guanaco_oasst1_finetune": ("Guanaco OASST1 fine-tune", "OASST1 trees to Guanaco text, QLoRA with the paper's recipe, evaluate, chat, save, merge", 5),
+    "07_qlora_vs_lora_vs_full": ("QLoRA vs LoRA vs full", "the same run in 16-bit full, 16-bit LoRA and QLoRA NF4+DQ / NF4 / FP4 / Int4", 5),
 }
 
 #: Parameters per notebook and profile. Every parameter a notebook takes is listed under both profiles.
