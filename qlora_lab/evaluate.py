@@ -14,9 +14,6 @@ from .data import GuanacoCollator, to_guanaco_text
 GUANACO_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant "
                   "gives helpful, detailed, and polite answers to the user's questions.")
 TURN_MARKERS = ("### Human:", "### Assistant:")
-#: Keskar et al. (2019, CTRL) proposed dividing the logits of already-seen tokens by 1.2; it stops the greedy
-#: loops small models fall into ("I can help. I can help. ...") without changing what an answer says.
-REPETITION_PENALTY = 1.2
 
 
 @torch.no_grad()
@@ -66,7 +63,7 @@ class Reply:
     @property
     def clean(self) -> bool:
         """Said something, then ended by EOS within budget without writing the human's (or a new assistant) turn."""
-        return bool(self.text) and self.ended_with_eos and not self.wrote_other_turn
+        return self.ending == "EOS"
 
     @property
     def ending(self) -> str:
@@ -95,7 +92,11 @@ def _marker_stop(tokenizer, prompt_len: int):
 def generate_replies(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 96, do_sample: bool = False,
                      temperature: float = 0.7, top_p: float = 0.9, batch_size: int = 16,
                      repetition_penalty: float = 1.0) -> list[Reply]:
-    """Generate in left-padded batches until EOS, a turn marker or the budget; say which ended each reply."""
+    """Generate in left-padded batches until EOS, a turn marker or the budget; say which ended each reply.
+
+    `repetition_penalty` divides the logits of tokens already in the text (Keskar et al., 2019, CTRL, proposed
+    1.2): it stops the greedy loops small models fall into ("I can help. I can help. ...").
+    """
     from transformers import StoppingCriteriaList
 
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
@@ -103,7 +104,7 @@ def generate_replies(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     if not (isinstance(repetition_penalty, (int, float)) and math.isfinite(repetition_penalty)
             and repetition_penalty > 0):
         raise ValueError(f"repetition_penalty={repetition_penalty!r} is not allowed: a finite number > 0 "
-                         f"(1.0 = none, {REPETITION_PENALTY} = CTRL's)")
+                         "(1.0 = none, 1.2 = CTRL's)")
     device = next(model.parameters()).device
     kwargs: dict[str, Any] = dict(do_sample=do_sample, repetition_penalty=float(repetition_penalty))
     if do_sample:

@@ -429,17 +429,23 @@ def make_optimizer(params, optimizer: str = "adamw", lr: float = 2e-4):
     return cls(params, lr=lr, weight_decay=0.0)
 
 
-def optimizer_step(opt) -> None:
-    """One optimizer step; on CPU a paged bitsandbytes optimizer warns that it falls back to ordinary memory."""
+@contextlib.contextmanager
+def quiet_cpu_paging():
+    """Silence bitsandbytes' per-tensor notice that paged state falls back to ordinary memory on CPU."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+        yield
+
+
+def optimizer_step(opt) -> None:
+    """One optimizer step, without the CPU paging notice."""
+    with quiet_cpu_paging():
         opt.step()
 
 
 def allocate_optimizer_state(opt) -> None:
     """Have a bitsandbytes optimizer allocate every parameter's state as its first step() does, minus the update."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    with quiet_cpu_paging():
         for gindex, group in enumerate(opt.param_groups):
             for pindex, p in enumerate(group["params"]):
                 if not opt.state[p]:

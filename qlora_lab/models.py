@@ -154,20 +154,26 @@ def load_model(
     double_quant: bool = True,
     compute_dtype: torch.dtype = torch.bfloat16,
     device_map=None,
+    num_hidden_layers: int | None = None,
 ):
-    """Load a causal LM in 16-bit (compute_dtype) or through bitsandbytes in nf4/fp4/int8."""
+    """Load a causal LM in 16-bit (compute_dtype) or through bitsandbytes in nf4/fp4/int8.
+
+    `num_hidden_layers` cuts the model to its first blocks: only those are read (and quantized).
+    """
     from transformers import AutoModelForCausalLM
 
     qconfig = quantization_config(quantization, double_quant, compute_dtype)
     if qconfig is not None and device_map is None:
         device_map = {"": 0} if torch.cuda.is_available() else "cpu"
     resolved = _resolve(name)
+    cut = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             resolved,
             dtype=compute_dtype,
             quantization_config=qconfig,
             device_map=device_map,
+            **cut,
         )
     except (OSError, ValueError) as err:
         if "bitsandbytes" in str(err):

@@ -253,25 +253,9 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _model_path(model_name: str | None) -> str:
-    """The embedded model's folder for None or its aliases; any other name passes through (hub id or path)."""
-    if model_name is None or str(model_name) in models.EMBEDDED_ALIASES:
-        return str(models.embedded_model_path())
-    return str(model_name)
-
-
 def load_base(model_name: str | None, dtype: torch.dtype, layers: int | None = None, quantization: str | None = None):
     """The base model in `dtype` (or through bitsandbytes), optionally cut to its first `layers` blocks."""
-    if layers is None:
-        model = models.load_model(model_name, quantization=quantization, compute_dtype=dtype)
-    else:  # the same loader, with the config cut short: only those blocks are read (and quantized)
-        from transformers import AutoModelForCausalLM
-
-        path = _model_path(model_name)
-        qconfig = models.quantization_config(quantization, True, dtype)
-        device_map = ({"": 0} if torch.cuda.is_available() else "cpu") if qconfig else None
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=qconfig,
-                                                     device_map=device_map, num_hidden_layers=layers)
+    model = models.load_model(model_name, quantization=quantization, compute_dtype=dtype, num_hidden_layers=layers)
     if quantization is None:
         model.to(_device())
     return model
@@ -379,16 +363,6 @@ class RunResult:
         return asdict(self)
 
 
-def _unique_bytes(tensors) -> int:
-    """Bytes of distinct storages (tied weights and shared tables count once)."""
-    seen: dict[int, int] = {}
-    for t in tensors:
-        if torch.is_tensor(t) and t.numel():
-            storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
-
-
 def base_parameter_count(model) -> int:
     """Parameters of the base model (a 4-bit weight counts as the values it holds; LoRA excluded)."""
     quantized = [m for m in model.modules() if isinstance(m, Frozen4bitLinear)]
@@ -430,8 +404,8 @@ def _measured_step(model, params, batch, opt, cfg: StudyConfig) -> tuple[float, 
 
 def _resident_bytes(model, opt) -> tuple[int, int, int]:
     """(all resident tensor bytes, weights and buffers, optimizer state) between steps."""
-    weights = _unique_bytes([*model.parameters(), *model.buffers()])
-    state = _unique_bytes(memory.optimizer_state_tensors(opt))
+    weights = memory.tensor_bytes([*model.parameters(), *model.buffers()])  # tied weights count once
+    state = memory.tensor_bytes(memory.optimizer_state_tensors(opt))
     return weights + state, weights, state
 
 
@@ -524,7 +498,7 @@ def model_config(model_name: str | None = None):
     """The transformers config of the study's model (for the memory estimator), without loading weights."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(_model_path(model_name))
+    return AutoConfig.from_pretrained(models._resolve(model_name))
 
 
 def load_texts(cfg: StudyConfig) -> tuple[list[str], list[str]]:

@@ -7,14 +7,13 @@ import json
 import math
 import os
 import shutil
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from . import data, models
+from . import data, memory, models
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit", "adamw_bnb_8bit")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -273,9 +272,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, model=None, tokenize
 
         trainer.remove_callback(PrinterCallback)
     resume = last_complete_checkpoint(config.output_dir)
-    with warnings.catch_warnings():
-        # On CPU bitsandbytes keeps paged state in ordinary memory and says so once per tensor.
-        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    with memory.quiet_cpu_paging():
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     adapter = Path(config.output_dir) / "adapter"
     save_adapter(trainer.model, adapter)
