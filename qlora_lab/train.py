@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
+import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from . import data, memory, models
+from . import data, memory, models, smoke
+from .checks import is_whole
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit", "adamw_bnb_8bit")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -88,6 +92,8 @@ class FinetuneConfig:
             logging_steps=10, max_length=512, group_by_length=True, train_on="all",
             gradient_checkpointing=True, seed=0, data_seed=42, output_dir=f"outputs/guanaco-{size}",
         )
+        if smoke.active():  # a smoke run: the recipe as it is, at a batch shape a CPU can take
+            values.update(smoke.FINETUNE)
         values.update(overrides)
         return cls(**values)
 
@@ -111,8 +117,7 @@ class FinetuneConfig:
 
         for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
                      "per_device_eval_batch_size", "eval_steps", "save_steps", "logging_steps", "lora_r"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_whole(getattr(self, name)):
                 raise bad(name, "a whole number >= 1")
         if self.bits not in (4, 8, 16):
             raise bad("bits", "4, 8 or 16")
@@ -130,12 +135,18 @@ class FinetuneConfig:
             raise bad("truncation", "'tokens' or 'turns'")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise bad("learning_rate", "a finite number > 0")
-        if not self.lora_alpha > 0:
-            raise bad("lora_alpha", "a number > 0")
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise bad("lora_alpha", "a finite number > 0")
         if not 0 <= self.lora_dropout < 1:
             raise bad("lora_dropout", "0 <= p < 1")
-        if not self.max_grad_norm > 0:
-            raise bad("max_grad_norm", "a number > 0")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise bad("max_grad_norm", "a finite number > 0")
+        if not (0 <= self.weight_decay and math.isfinite(self.weight_decay)):
+            raise bad("weight_decay", "a finite number >= 0")
+        if not 0 <= self.adam_beta2 < 1:
+            raise bad("adam_beta2", "0 <= beta2 < 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise bad("warmup_ratio", "a fraction of max_steps, 0 <= ratio < 1")
         if not isinstance(self.max_length, int) or self.max_length < 8:
             raise bad("max_length", "a whole number >= 8")
 
@@ -186,33 +197,105 @@ def add_adapters(model, config: FinetuneConfig):
     return get_peft_model(model, lora)
 
 
+#: Fields that may change between a run and its resumption: they do not change what the steps compute.
+RESUMABLE_CHANGES = ("max_steps", "eval_steps", "save_steps", "logging_steps", "per_device_eval_batch_size",
+                     "max_eval_samples", "output_dir")
+SET_ASIDE_PREFIX = "set-aside-"  # Trainer's rotation globs checkpoint-*, so set-aside folders are left alone
+
+
+def _step(path: Path) -> int | None:
+    tail = path.name.rsplit("-", 1)[-1]
+    return int(tail) if path.name.startswith("checkpoint-") and tail.isdigit() else None
+
+
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest checkpoint whose save finished; half-written ones (killed mid-save) are removed."""
+    """The newest checkpoint whose save finished (it holds our marker); nothing is deleted or moved."""
     root = Path(output_dir)
     if not root.is_dir():
         return None
-    found = []
-    for path in root.glob("checkpoint-*"):
-        if not path.name.split("-")[-1].isdigit():
+    found = [p for p in root.glob("checkpoint-*") if _step(p) is not None and (p / COMPLETE_MARKER).is_file()]
+    return max(found, key=_step) if found else None
+
+
+def set_aside_unmarked(output_dir: str | os.PathLike) -> list[Path]:
+    """Rename checkpoint folders without our marker (half-written, or not ours) so Trainer never deletes them."""
+    root = Path(output_dir)
+    moved = []
+    for path in sorted(root.glob("checkpoint-*")) if root.is_dir() else []:
+        if _step(path) is None or (path / COMPLETE_MARKER).is_file():
             continue
-        if (path / COMPLETE_MARKER).is_file():
-            found.append(path)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+        target = root / f"{SET_ASIDE_PREFIX}{path.name}"
+        n = 1
+        while target.exists():
+            n += 1
+            target = root / f"{SET_ASIDE_PREFIX}{path.name}.{n}"
+        os.rename(path, target)
+        moved.append(target)
+        warnings.warn(f"{path} has no {COMPLETE_MARKER} marker (a save that never finished, or a checkpoint "
+                      f"qlora-lab did not write): it was moved aside to {target.name}, untouched, so that "
+                      "training neither resumes from it nor lets Trainer's checkpoint rotation delete it.",
+                      stacklevel=2)
+    return moved
 
 
-def _callbacks():
+def checkpoint_config(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
+    """The FinetuneConfig a complete checkpoint was written with (None for markers without one)."""
+    marker = json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text() or "{}")
+    return marker.get("config")
+
+
+def config_differences(saved: dict[str, Any], config: FinetuneConfig) -> dict[str, tuple[Any, Any]]:
+    """Fields whose value differs between a checkpoint's config and this one (RESUMABLE_CHANGES excepted)."""
+    now = config.to_dict()
+    return {k: (saved.get(k), now[k]) for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]}
+
+
+def check_resumable(checkpoint: Path, config: FinetuneConfig) -> None:
+    """Refuse to resume a checkpoint written by a different configuration, or one already past max_steps."""
+    fresh = f"To start fresh, choose a new output_dir or move {checkpoint.parent} away."
+    saved = checkpoint_config(checkpoint)
+    if saved is None:
+        raise ConfigError(f"{checkpoint} was written without its configuration (an older qlora-lab), so a "
+                          f"mismatch cannot be ruled out; resuming is refused. {fresh}")
+    differ = config_differences(saved, config)
+    if differ:
+        listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
+        raise ConfigError(f"{checkpoint} was trained with a different configuration ({listed}); resuming "
+                          f"would mix two runs. Use the checkpoint's values to resume it. {fresh}")
+    if _step(checkpoint) > config.max_steps:
+        raise ConfigError(f"{checkpoint} is already past max_steps={config.max_steps}; ask for at least "
+                          f"{_step(checkpoint)} steps to resume it. {fresh}")
+
+
+@contextlib.contextmanager
+def _exclusive(output_dir: Path):
+    """Hold a lock on output_dir for the whole run, so two runs never write (or set aside) each other's files."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks, the run goes on unguarded
+        yield
+        return
+    with open(output_dir / ".qlora-lab.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"output_dir {str(output_dir)!r} is in use by another training run; wait for it "
+                              "or choose another output_dir") from None
+        yield
+
+
+def _callbacks(config: FinetuneConfig):
     from transformers import TrainerCallback
 
     class MarkComplete(TrainerCallback):
-        """Write the completion marker after Trainer has written every file of a checkpoint."""
+        """Write the completion marker (with the run's config) after Trainer has written every file."""
 
         def on_save(self, args, state, control, **kwargs):
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if path.is_dir() and state.is_world_process_zero:
                 tmp = path / (COMPLETE_MARKER + ".tmp")
-                tmp.write_text(json.dumps({"step": state.global_step}))
+                tmp.write_text(json.dumps({"step": state.global_step, "config": config.to_dict()}))
                 os.replace(tmp, path / COMPLETE_MARKER)
             return control
 
@@ -257,25 +340,29 @@ def finetune(config: FinetuneConfig, progress: bool = True, model=None, tokenize
 
     config.validate()
     set_seed(config.seed)
-    if model is None or tokenizer is None:
-        tokenizer, model = load_base(config)
-    model = add_adapters(model, config)
-    collator = data.GuanacoCollator(tokenizer, max_length=config.max_length, train_on=config.train_on,
-                                    truncation=config.truncation)
-    train_set, eval_set = load_datasets(config, collator)
-    args = training_arguments(config)
-    args.disable_tqdm = not progress
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=collator, callbacks=[*_callbacks(), *callbacks])
-    if not progress:  # without a progress bar Trainer prints every log dict; keep quiet instead
-        from transformers.trainer_callback import PrinterCallback
+    output_dir = Path(config.output_dir)
+    with _exclusive(output_dir):
+        set_aside_unmarked(output_dir)
+        resume = last_complete_checkpoint(output_dir)
+        if resume is not None:
+            check_resumable(resume, config)  # before any model work
+        if model is None or tokenizer is None:
+            tokenizer, model = load_base(config)
+        model = add_adapters(model, config)
+        collator = data.GuanacoCollator(tokenizer, max_length=config.max_length, train_on=config.train_on,
+                                        truncation=config.truncation)
+        train_set, eval_set = load_datasets(config, collator)
+        args = training_arguments(config)
+        args.disable_tqdm = not progress
+        trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                          data_collator=collator, callbacks=[*_callbacks(config), *callbacks])
+        if not progress:  # without a progress bar Trainer prints every log dict; keep quiet instead
+            from transformers.trainer_callback import PrinterCallback
 
-        trainer.remove_callback(PrinterCallback)
-    resume = last_complete_checkpoint(config.output_dir)
-    with memory.quiet_cpu_paging():
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    adapter = Path(config.output_dir) / "adapter"
-    save_adapter(trainer.model, adapter)
+            trainer.remove_callback(PrinterCallback)
+        with memory.quiet_cpu_paging():
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        adapter = save_adapter(trainer.model, output_dir / "adapter")
     history = trainer.state.log_history
     trainable, total = model.get_nb_trainable_parameters()  # counts 4-bit weights as unpacked parameters
     return FinetuneResult(
@@ -287,17 +374,26 @@ def finetune(config: FinetuneConfig, progress: bool = True, model=None, tokenize
 
 
 def save_adapter(model, path: str | os.PathLike) -> Path:
-    """Save only the LoRA weights, atomically (write to a temp folder, check it is not empty, rename)."""
+    """Save only the LoRA weights atomically: the old adapter stays until the new one is checked and in place."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    weights = tmp / "adapter_model.safetensors"
-    if not weights.is_file() or weights.stat().st_size < 1024:
-        raise RuntimeError(f"saving the adapter wrote no LoRA weights ({weights.name} missing or empty)")
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.new-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        weights = tmp / "adapter_model.safetensors"
+        if not weights.is_file() or weights.stat().st_size < 1024:
+            raise RuntimeError(f"saving the adapter wrote no LoRA weights ({weights.name} missing or empty); "
+                               f"the previous adapter at {path} is unchanged")
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:  # the new adapter is in place; only now does the one it replaces go
+        shutil.rmtree(old, ignore_errors=True)
     return path
 
 
@@ -314,12 +410,38 @@ def load_adapter(base_model, path: str | os.PathLike, is_trainable: bool = False
     try:
         with safe_open(str(weights), framework="pt") as handle:
             keys = list(handle.keys())
+            shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"The adapter weights in {path} are corrupt or truncated ({err}); re-run the "
                          "fine-tune or restore the file") from err
     if not any("lora_" in k for k in keys):
         raise ValueError(f"The adapter in {path} holds no LoRA weights (keys: {keys[:3]}...): an empty save")
+    problem = adapter_misfit(base_model, json.loads((path / "adapter_config.json").read_text()), shapes)
+    if problem:
+        raise ValueError(f"The adapter in {path} does not fit this base model: {problem}")
     return PeftModel.from_pretrained(base_model, str(path), is_trainable=is_trainable)
+
+
+def adapter_misfit(base_model, meta: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """Why saved LoRA weights cannot sit on this base (rank, missing module, shape), or None if they fit."""
+    modules = dict(base_model.named_modules())
+    custom_ranks = meta.get("rank_pattern") or {}
+    for key, shape in sorted(shapes.items()):
+        if ".lora_A." not in key:
+            continue
+        name = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        if not custom_ranks and meta.get("r") is not None and shape[0] != meta["r"]:
+            return f"r={meta['r']} in adapter_config.json but the weights have rank {shape[0]} ({key})"
+        module = modules.get(name)
+        if module is None:
+            return f"module {name!r} is not in the base model (the adapter targets {meta.get('target_modules')})"
+        fan_in = getattr(module, "in_features", None)
+        b_shape = shapes.get(key.replace(".lora_A.", ".lora_B."))
+        fan_out = getattr(module, "out_features", None)
+        if fan_in is not None and shape[1] != fan_in or b_shape and fan_out is not None and b_shape[0] != fan_out:
+            return (f"{name} is {fan_out} x {fan_in} in the base model, but the adapter was trained for "
+                    f"{b_shape[0] if b_shape else '?'} x {shape[1]}")
+    return None
 
 
 def merge_into_16bit(model_name: str | None, adapter_path: str | os.PathLike,

@@ -1,11 +1,21 @@
 """Shared test settings: quiet libraries, a fixed seed, and an isolated build folder per session."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 import qlora_lab  # noqa: F401  (quiets transformers and bitsandbytes)
+
+# Tests and the notebooks nbval executes write here, never into the checkout's build/ that `make course` uses.
+# Set before any kernel starts, so nbval's kernels inherit it; removed when the session ends (it is ours).
+_TEST_BUILD = tempfile.mkdtemp(prefix="qlora-lab-test-build-")
+os.environ["QLORA_LAB_BUILD"] = _TEST_BUILD
+os.environ.pop("QLORA_LAB_RESULTS", None)
+atexit.register(shutil.rmtree, _TEST_BUILD, True)
 
 
 @pytest.fixture(autouse=True)

@@ -79,6 +79,9 @@ def test_parse_value():
 
 
 def test_run_course_with_papermill_writes_summary(tmp_build):
+    stale = tmp_build / "results" / "00_welcome.json"  # another run's (or an old) result must not leak in
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"parameters": 1}')
     runs = course.run_course("cpu", only="00", overrides={"max_new_tokens": 4}, progress=False)
     assert [r.status for r in runs] == ["ok"]
     out = tmp_build / "course"
@@ -101,7 +104,7 @@ def test_run_course_stops_at_failing_cell(tmp_build, tmp_path, monkeypatch):
                    "language_info": {"name": "python"}}
     nb.cells = [nbformat.v4.new_code_cell('profile = "cpu"', metadata={"tags": ["parameters"]}),
                 nbformat.v4.new_code_cell("x = 1"),
-                nbformat.v4.new_code_cell("raise RuntimeError('boom')"),
+                nbformat.v4.new_code_cell("raise RuntimeError('boom')\nz = 3"),
                 nbformat.v4.new_code_cell("y = 2")]
     (tmp_path / "notebooks").mkdir()
     for name in ("98_broken", "99_never"):
@@ -113,5 +116,83 @@ def test_run_course_stops_at_failing_cell(tmp_build, tmp_path, monkeypatch):
     assert len(runs) == 1 and runs[0].status == "failed"
     assert runs[0].failed_cell == 4  # parameters, injected parameters, x = 1, then the raise
     assert "RuntimeError: boom" in runs[0].error and "raise RuntimeError" in runs[0].error
+    assert "z = 3" not in runs[0].error  # the line that raised, not the cell's last line
     summary = json.loads((tmp_build / "course" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["not_run"] == ["99_never"]
+
+
+def _tiny_course(tmp_path, monkeypatch, names=("97_one", "98_two")):
+    """A course of trivial notebooks that save one number each, so runner behaviour is tested in seconds."""
+    import nbformat
+
+    (tmp_path / "notebooks").mkdir()
+    for name in names:
+        nb = nbformat.v4.new_notebook()
+        nb.metadata = {"kernelspec": {"name": "python3", "language": "python", "display_name": "Python 3"},
+                       "language_info": {"name": "python"}}
+        nb.cells = [nbformat.v4.new_code_cell('profile = "cpu"', metadata={"tags": ["parameters"]}),
+                    nbformat.v4.new_code_cell(f"from qlora_lab import course\ncourse.save_results({name!r}, {{'n': 1}})")]
+        nbformat.write(nb, tmp_path / "notebooks" / f"{name}.ipynb")
+        monkeypatch.setitem(course.PROFILES["cpu"], name, {})
+    monkeypatch.setattr(course, "repo_root", lambda: tmp_path)
+
+
+def test_a_partial_run_merges_into_the_full_summary_and_says_so(tmp_build, tmp_path, monkeypatch, capsys):
+    _tiny_course(tmp_path, monkeypatch)
+    course.run_course("cpu", progress=False)
+    capsys.readouterr()
+    course.run_course("cpu", only="98", progress=False)
+    assert "merged into the existing summary" in capsys.readouterr().out
+    summary = json.loads((tmp_build / "course" / "summary.json").read_text())
+    assert list(summary["notebooks"]) == ["97_one", "98_two"] and summary["complete_course"]
+    assert summary["notebooks"]["97_one"]["results"] == {"n": 1}
+    assert not list((tmp_build / "course").glob(".run-*")), "a run leaves no temporary folder behind"
+    assert not list((tmp_build / "course").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["course", "--only", ""], "names no notebook"),
+    (["course", "--only", " , "], "names no notebook"),
+    (["course", "--only", "00", "-p", "max_new_tokens", "-3"], "max_new_tokens=-3 for 00_welcome is not allowed: "
+                                                               "it must be a whole number >= 1"),
+    (["course", "--only", "00", "-p", "max_new_tokens", "many"], "max_new_tokens='many'"),
+    (["course", "--only", "07", "-p", "seeds", "[0, -1]"], "non-empty list of whole numbers"),
+    (["course", "--only", "07", "-p", "optim", "sgd"], "optim='sgd'"),
+    (["course", "--only", "06", "-p", "recipe", "guanaco-3b"], "guanaco-7b"),
+    (["course", "--only", "01", "-p", "learning_rate", "inf"], "a finite number > 0"),
+    (["bench", "--size", "0"], "--size '0' is not a whole number >= 1"),
+    (["bench", "--blocksize", "100"], "argument --blocksize: invalid choice: 100"),
+    (["bench", "--repeats", "x"], "--repeats 'x'"),
+])
+def test_every_expected_cli_error_is_one_line_and_exit_2(args, message, capsys, tmp_build):
+    try:
+        code = cli.main(args)
+    except SystemExit as stop:  # argparse's own checks
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_an_unwritable_out_folder_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert cli.main(["course", "--only", "00", "--out", str(blocker / "build")]) == 2
+    err = capsys.readouterr().err
+    assert "Cannot write the course report" in err and "--out" in err and err.count("\n") == 1
+
+
+def test_gpu_profile_without_cuda_fails_before_any_notebook(tmp_build, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["course", "--profile", "gpu", "--only", "00"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_build / "course-gpu").exists()  # nothing started
+
+
+def test_failing_line_is_the_line_that_raised():
+    tb = ["\x1b[31m---------\x1b[0m", "Cell \x1b[0;32mIn[3], line 2\x1b[0m\n      1 x = 1\n"
+          "\x1b[0;32m----> 2\x1b[0m \x1b[43mfail\x1b[49m()\n      3 y = 2\n", "File lib.py:9, in fail()"]
+    assert course.failing_line("x = 1\nfail()\ny = 2", tb) == "fail()"
+    assert course.failing_line("x = 1\ny = 2", None) == "y = 2"

@@ -209,3 +209,15 @@ def test_block_formula_where_the_loss_head_does_not_dominate(tmp_path, method, d
     assert est.activations > 12 * arch.vocab * 512  # the block term, not the head, is the peak here
     assert abs(est.activations / measured.activations - 1) < 0.15
     assert abs(est.total / measured.total - 1) < 0.15
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"lora_r": 8.5}, r"lora_r=8.5 is not allowed: a whole number >= 1"),
+    ({"lora_r": 0}, r"lora_r=0 is not allowed"),
+    ({"gradient_checkpointing": "false"}, r"gradient_checkpointing='false' is not allowed: True or False"),
+    ({"double_quant": 1}, r"double_quant=1 is not allowed"),
+    ({"batch_size": True}, r"batch_size=True is not allowed"),
+])
+def test_numbers_and_flags_that_cannot_work_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        memory.estimate_training_memory("llama-7b", "qlora", **kwargs)

@@ -73,3 +73,17 @@ def test_missing_embedded_package_says_what_to_install(monkeypatch, tmp_path):
 def test_cache_dir_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("QLORA_LAB_CACHE", str(tmp_path / "c"))
     assert models.cache_dir() == tmp_path / "c"
+
+
+def test_a_local_path_that_does_not_exist_is_named(tmp_path):
+    missing = tmp_path / "my-model"
+    with pytest.raises(models.ModelNotAvailableError, match=rf"No model folder at '{missing}': it does not exist"):
+        models.load_model(missing)
+    with pytest.raises(models.ModelNotAvailableError, match=r"No model folder at './nowhere'"):
+        models.load_model("./nowhere")
+
+
+@pytest.mark.parametrize("layers", [0, 31, 2.5, True])
+def test_num_hidden_layers_out_of_range_is_refused(layers):
+    with pytest.raises(ValueError, match=rf"num_hidden_layers={layers!r} is not allowed: a whole number from 1 to 30"):
+        models.load_model(num_hidden_layers=layers)

@@ -138,3 +138,10 @@ def test_cuda_demo_refuses_without_a_gpu():
         pytest.skip("a GPU is present; the notebook runs the demo")
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         paging.cuda_paging_demo()
+
+
+@pytest.mark.parametrize("resolution", [0, -1, 0.5])
+def test_smallest_capacity_refuses_a_resolution_that_never_ends(resolution):
+    trace = paging.MemoryTrace([paging.Event("alloc", 1, 2**20), paging.Event("free", 1)])
+    with pytest.raises(ValueError, match=rf"resolution={resolution!r} is not allowed"):
+        paging.smallest_capacity(trace, paging=True, resolution=resolution)

@@ -54,15 +54,90 @@ def test_unknown_guanaco_size():
         train.FinetuneConfig.guanaco("3b")
 
 
-def test_half_written_checkpoints_are_ignored(tmp_path):
-    for step, complete in ((2, True), (4, True), (6, False)):
-        d = tmp_path / f"checkpoint-{step}"
-        d.mkdir()
-        if complete:
-            (d / train.COMPLETE_MARKER).write_text("{}")
+@pytest.mark.parametrize("field, value, allowed", [
+    ("lora_alpha", float("inf"), "a finite number > 0"),
+    ("max_grad_norm", float("inf"), "a finite number > 0"),
+    ("adam_beta2", 1.0, "0 <= beta2 < 1"),
+    ("weight_decay", -0.1, "a finite number >= 0"),
+    ("warmup_ratio", 1.5, "0 <= ratio < 1"),
+    ("warmup_ratio", -0.1, "0 <= ratio < 1"),
+])
+def test_numbers_that_cannot_work_are_refused(field, value, allowed):
+    with pytest.raises(train.ConfigError) as err:
+        train.FinetuneConfig.cpu(**{field: value})
+    assert f"{field}={value!r}" in str(err.value) and allowed in str(err.value)
+
+
+def _checkpoint(root: Path, step: int, config=None) -> Path:
+    d = root / f"checkpoint-{step}"
+    d.mkdir(parents=True)
+    (d / "trainer_state.json").write_text("{}")
+    if config is not None:
+        (d / train.COMPLETE_MARKER).write_text(json.dumps({"step": step, "config": config.to_dict()}))
+    return d
+
+
+def test_unmarked_checkpoints_are_never_deleted_only_set_aside(tmp_path):
+    cfg = train.FinetuneConfig.cpu(output_dir=str(tmp_path))
+    _checkpoint(tmp_path, 2, cfg), _checkpoint(tmp_path, 4, cfg), _checkpoint(tmp_path, 6)
     assert train.last_complete_checkpoint(tmp_path).name == "checkpoint-4"
-    assert not (tmp_path / "checkpoint-6").exists()  # the half-written one is cleared
+    assert (tmp_path / "checkpoint-6" / "trainer_state.json").is_file()  # looking deletes nothing
+    with pytest.warns(UserWarning, match="moved aside to set-aside-checkpoint-6"):
+        moved = train.set_aside_unmarked(tmp_path)
+    assert [p.name for p in moved] == ["set-aside-checkpoint-6"]
+    assert (tmp_path / "set-aside-checkpoint-6" / "trainer_state.json").is_file()
     assert train.last_complete_checkpoint(tmp_path / "none") is None
+
+
+def test_a_changed_config_refuses_to_resume_and_says_what_differs(tmp_path):
+    old = train.FinetuneConfig.cpu(output_dir=str(tmp_path), max_steps=5)
+    _checkpoint(tmp_path, 5, old)
+    new = train.FinetuneConfig.cpu(output_dir=str(tmp_path), max_steps=8, learning_rate=5e-4, lora_r=8)
+    with pytest.raises(train.ConfigError, match=r"lora_r: checkpoint 64, now 8; learning_rate: checkpoint "
+                                                r"0.001, now 0.0005\).*choose a new output_dir"):
+        train.finetune(new, progress=False)  # refused before any model is loaded
+    with pytest.raises(train.ConfigError, match=r"already past max_steps=2"):
+        train.finetune(train.FinetuneConfig.cpu(output_dir=str(tmp_path), max_steps=2), progress=False)
+    train.check_resumable(tmp_path / "checkpoint-5", train.FinetuneConfig.cpu(output_dir="elsewhere", max_steps=9))
+
+
+def test_a_checkpoint_without_its_config_is_not_resumed(tmp_path):
+    d = _checkpoint(tmp_path, 2)
+    (d / train.COMPLETE_MARKER).write_text(json.dumps({"step": 2}))  # an older marker
+    with pytest.raises(train.ConfigError, match="without its configuration"):
+        train.finetune(train.FinetuneConfig.cpu(output_dir=str(tmp_path)), progress=False)
+
+
+def test_two_runs_cannot_share_an_output_dir(tmp_path):
+    import fcntl
+
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".qlora-lab.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(train.ConfigError, match="in use by another training run"):
+            train.finetune(train.FinetuneConfig.cpu(output_dir=str(tmp_path)), progress=False)
+
+
+class _Saves:
+    """A stand-in model whose save_pretrained writes what it is told to."""
+
+    def __init__(self, payload: bytes):
+        self.payload = payload
+
+    def save_pretrained(self, folder):
+        Path(folder, "adapter_config.json").write_text("{}")
+        Path(folder, "adapter_model.safetensors").write_bytes(self.payload)
+
+
+def test_save_adapter_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path):
+    target = tmp_path / "adapter"
+    train.save_adapter(_Saves(b"1" * 4096), target)
+    with pytest.raises(RuntimeError, match="previous adapter .* is unchanged"):
+        train.save_adapter(_Saves(b""), target)  # an empty save
+    assert (target / "adapter_model.safetensors").read_bytes() == b"1" * 4096
+    train.save_adapter(_Saves(b"2" * 4096), target)
+    assert (target / "adapter_model.safetensors").read_bytes() == b"2" * 4096
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp folders left behind
 
 
 RUN = textwrap.dedent("""
@@ -135,3 +210,40 @@ def test_missing_and_corrupt_adapters_are_explained(trained, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="corrupt or truncated"):
         train.load_adapter(base, broken)
+
+
+def test_a_plain_transformers_checkpoint_survives_a_run(tmp_path):
+    user = _checkpoint(tmp_path, 3)  # no marker: a checkpoint the user put there
+    (user / "model.safetensors").write_bytes(b"user weights")
+    cfg = train.FinetuneConfig.cpu(output_dir=str(tmp_path), **{**TINY, "max_steps": 2, "save_steps": 1})
+    with pytest.warns(UserWarning, match="moved aside"):
+        res = train.finetune(cfg, progress=False)
+    assert res.resumed_from is None  # not resumed from a checkpoint we cannot vouch for
+    assert (tmp_path / "set-aside-checkpoint-3" / "model.safetensors").read_bytes() == b"user weights"
+    assert train.checkpoint_config(tmp_path / "checkpoint-2")["lora_r"] == cfg.lora_r
+
+
+def test_load_adapter_onto_a_base_it_does_not_fit_says_why(trained, tmp_path):
+    cfg, res = trained
+    other = train.FinetuneConfig.cpu(**{**TINY, "lora_r": 8})
+    _, base = train.load_base(other)
+    from qlora_lab import models
+
+    cut = models.load_model(None, quantization="nf4", num_hidden_layers=2)
+    with pytest.raises(ValueError, match=r"layers\.2\..* not in the base model"):
+        train.load_adapter(cut, res.adapter_path)
+    meta = json.loads((res.adapter_path / "adapter_config.json").read_text())
+    lying = tmp_path / "lying"
+    lying.mkdir()
+    for f in res.adapter_path.iterdir():
+        (lying / f.name).write_bytes(f.read_bytes())
+    (lying / "adapter_config.json").write_text(json.dumps({**meta, "r": 16}))
+    with pytest.raises(ValueError, match=r"r=16 in adapter_config.json but the weights have rank 4"):
+        train.load_adapter(base, lying)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    narrow = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=30,
+                                          num_attention_heads=4, num_key_value_heads=4, vocab_size=64))
+    with pytest.raises(ValueError, match=r"q_proj is 64 x 64 in the base model, but the adapter was trained "
+                                         r"for 576 x 576"):
+        train.load_adapter(narrow, res.adapter_path)

@@ -1,0 +1,24 @@
+"""Small argument checks used across the package, so every "must be a whole number >= 1" reads the same."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def is_whole(value: Any, low: int = 1) -> bool:
+    """A real int (not a bool, not 2.0) of at least `low`: what counts and sizes must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def require_whole(name: str, value: Any, low: int = 1, error: type[Exception] = ValueError) -> int:
+    """Return `value` if it is a whole number >= low, else raise `error` naming it and what is allowed."""
+    if not is_whole(value, low):
+        raise error(f"{name}={value!r} is not allowed: a whole number >= {low}")
+    return value
+
+
+def require_bool(name: str, value: Any, error: type[Exception] = ValueError) -> bool:
+    """Return `value` if it is True or False; a string such as 'false' would silently count as true."""
+    if not isinstance(value, bool):
+        raise error(f"{name}={value!r} is not allowed: True or False (a {type(value).__name__} is not a boolean)")
+    return value

@@ -1,0 +1,93 @@
+"""Smoke runs of the gpu profile offline: tiny local stand-ins for its hub model and data, the code path unchanged.
+
+`qlora-lab course --profile gpu --smoke` runs every notebook's gpu path on a CPU without internet: a hub model
+name resolves to a randomly initialised Llama with LLaMA-7B's layer count and module names (tiny width), the hub
+data sets to the course's own OASST1-format data, and step counts and batch shapes shrink. Everything else (the
+recipe values, the data pipeline, save/merge/resume) runs as the gpu profile would run it. Nothing it prints is
+a result: it only proves that the gpu path executes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+ENV = "QLORA_LAB_SMOKE"  # the stand-ins' folder; set by the course runner for a smoke run
+#: Upper limits a smoke run puts on notebook parameters (a value already below its limit is kept).
+LIMITS: dict[str, Any] = {
+    "max_steps": 2, "max_new_tokens": 8, "n_eval_prompts": 2, "eval_rows": 2, "max_length": 64, "seq_len": 32,
+    "train_blocks": 4, "eval_blocks": 2, "batch_size": 2, "error_params": 200_000, "short_len": 16,
+    "long_len": 64, "cuda_short_len": 16, "cuda_long_len": 64,
+}
+LIST_LIMITS: dict[str, Any] = {"measure_shapes": [[1, 32]], "seeds": [0]}
+#: The stand-in's shape: LLaMA-7B's 32 layers and module names, a width small enough for a CPU.
+STANDIN = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=32, num_attention_heads=4,
+               num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def active() -> Path | None:
+    """The stand-ins' folder when this process is part of a smoke run, else None."""
+    folder = os.environ.get(ENV)
+    return Path(folder) if folder else None
+
+
+def banner(notebook: str) -> str:
+    """The line a smoke-run notebook prints first, so no one mistakes its numbers for results."""
+    return (f"SMOKE RUN of {notebook}'s gpu path: hub models are replaced by a tiny random Llama and hub data by "
+            "the course's own data, with step counts cut to a few. It proves the code runs; its numbers mean nothing.")
+
+
+def shrink(values: dict[str, Any]) -> dict[str, Any]:
+    """A notebook's parameters with sizes cut to the smoke limits (names that carry no size are kept)."""
+    out = dict(values)
+    for name, limit in LIMITS.items():
+        if isinstance(out.get(name), int) and not isinstance(out[name], bool):
+            out[name] = min(out[name], limit)
+    for name, small in LIST_LIMITS.items():
+        if name in out:
+            out[name] = small
+    return out
+
+
+def make_standins(folder: Path) -> Path:
+    """Write the stand-in model (random Llama + the embedded tokenizer) into `folder` once; return the folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from . import models
+
+    target = Path(folder) / "standin-llama"
+    if (target / "config.json").is_file():
+        return target
+    tokenizer = models.load_tokenizer(None)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **STANDIN)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def model_for(name: str) -> str:
+    """The stand-in folder that replaces hub model `name` in a smoke run."""
+    folder = active()
+    assert folder is not None, "model_for() is only for smoke runs"
+    return str(make_standins(folder))
+
+
+#: How a smoke run scales the Guanaco recipe's batch shapes (every other recipe value is kept).
+FINETUNE = dict(per_device_train_batch_size=1, gradient_accumulation_steps=2, per_device_eval_batch_size=1,
+                max_length=64, max_eval_samples=2)
+
+
+def standin_config(model: Any):
+    """A tiny LlamaConfig with a preset's layer count, for memory.random_llama in a smoke run."""
+    from transformers import LlamaConfig
+
+    from .memory import architecture
+
+    return LlamaConfig(vocab_size=49152, **{**STANDIN, "num_hidden_layers": architecture(model).layers})
