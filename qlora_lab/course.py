@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from . import smoke
+from .paths import build_dir, repo_root
 from .checks import is_whole
 
 PROFILE_NAMES = ("cpu", "gpu")
@@ -124,24 +125,6 @@ def check_parameter(notebook: str, name: str, value: Any, profile: str = "cpu") 
     problem = _problem(name, value, default)
     if problem:
         raise CourseError(f"Parameter {name}={value!r} for {notebook} is not allowed: it must be {problem}.")
-
-
-def repo_root() -> Path:
-    """The checkout this package lives in (notebooks/ and data/ sit beside qlora_lab/)."""
-    here = Path(__file__).resolve().parent.parent
-    if (here / "notebooks").is_dir():
-        return here
-    cwd = Path.cwd()
-    for candidate in (cwd, *cwd.parents):
-        if (candidate / "notebooks").is_dir() and (candidate / "qlora_lab").is_dir():
-            return candidate
-    raise CourseError("Cannot find the course checkout (a folder with notebooks/ and qlora_lab/).")
-
-
-def build_dir() -> Path:
-    """Where runs write: $QLORA_LAB_BUILD, else build/ in the checkout."""
-    env = os.environ.get("QLORA_LAB_BUILD")
-    return Path(env) if env else repo_root() / "build"
 
 
 def notebooks() -> list[Path]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from . import smoke
+from .paths import repo_root
 
 #: Hub ids of the real data (need internet): the message table and the Guanaco text set made from it.
 OASST_HUB = "OpenAssistant/oasst1"
@@ -60,8 +61,6 @@ class DataNotAvailableError(RuntimeError):
 # --------------------------------------------------------------------------------------------- loading
 def embedded_dir() -> Path:
     """data/oasst_mini in the checkout: the course-written mini OASST1 used offline."""
-    from .course import repo_root
-
     return repo_root() / "data" / "oasst_mini"
 
 
