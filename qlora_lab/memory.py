@@ -16,6 +16,10 @@ from . import smoke
 from .checks import require_bool, require_whole
 
 METHODS = ("full", "lora", "qlora")
+#: How the training state is split over `world_size` GPUs: "none" (one GPU, or DDP: every GPU holds a full
+#: copy) or "fsdp_full_shard" (weights, gradients and optimizer state cut into world_size shards; DeepSpeed
+#: ZeRO-3 shards the same three).
+SHARDINGS = ("none", "fsdp_full_shard")
 #: Optimizer names (transformers' `optim` spelling where one exists) -> (state bits, paged).
 OPTIMIZERS: dict[str, tuple[int, bool]] = {
     "adamw": (32, False),
@@ -131,6 +135,7 @@ class MemoryBreakdown:
     total: float = 0.0
     pageable: float = 0.0
     optimizer_temporaries: float = 0.0
+    cpu_offloaded: float = 0.0  # bytes per process that CPU offload keeps in CPU RAM instead (not in total)
     assumptions: list[str] = field(default_factory=list)
 
     COMPONENTS = ("weights", "quant_constants", "lora_weights", "gradients", "optimizer_state", "activations")
@@ -139,7 +144,7 @@ class MemoryBreakdown:
         """The byte counts (components, total, pageable) divided by `unit`, optionally rounded."""
         out = {}
         for f in fields(self):
-            if f.name != "assumptions":
+            if f.name != "assumptions" and (f.name != "cpu_offloaded" or self.cpu_offloaded):
                 v = getattr(self, f.name) / unit
                 out[f.name] = round(v, digits) if digits is not None else v
         return out
@@ -280,8 +285,15 @@ def estimate_training_memory(
     double_quant: bool = True,
     lora_dropout: float = 0.0,
     master_weights: bool = False,
+    world_size: int = 1,
+    sharding: str = "none",
+    cpu_offload: bool = False,
 ) -> MemoryBreakdown:
-    """Bytes of one training step by component, with every assumption written into `.assumptions`."""
+    """Bytes of one training step by component, with every assumption written into `.assumptions`.
+
+    With world_size > 1 the figures are per GPU (batch_size is per GPU); `sharding` and `cpu_offload` model
+    DDP, FSDP full sharding and FSDP's CPU offload (see `_distribute`).
+    """
     _check_choice("method", method, METHODS)
     _check_choice("optimizer", optimizer, OPTIMIZERS)
     for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("lora_r", lora_r)):
@@ -291,6 +303,7 @@ def estimate_training_memory(
         require_bool(name, v)
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout={lora_dropout!r} must be in [0, 1)")
+    _check_distribution(world_size, sharding, cpu_offload)
     arch = architecture(model)
     cb = _dtype_bytes(compute_dtype)
     dt = str(compute_dtype).replace("torch.", "")
@@ -334,10 +347,63 @@ def estimate_training_memory(
         notes.append("mixed precision: a float32 master copy of every trained parameter (4 bytes each)")
     out.activations = _activation_bytes(arch, method, batch_size * seq_len, cb, lora_r, targets, lora_dropout,
                                         gradient_checkpointing, notes)
+    if world_size > 1 or sharding != "none":
+        _distribute(out, arch, method, cb, double_quant, world_size, sharding, cpu_offload)
     out.total = sum(getattr(out, c) for c in MemoryBreakdown.COMPONENTS)
     notes.append("total = sum of the components (gradients counted as if all alive at the activation "
                  "peak); no CUDA context, allocator fragmentation or optimizer scratch (fused CUDA kernels)")
     return out
+
+
+def _check_distribution(world_size: int, sharding: str, cpu_offload: bool) -> None:
+    """Reject impossible multi-GPU settings before any arithmetic."""
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"world_size={world_size!r} must be a positive integer (the number of GPUs)")
+    _check_choice("sharding", sharding, SHARDINGS)
+    if cpu_offload and sharding == "none":
+        raise ValueError("cpu_offload=True needs sharding='fsdp_full_shard': FSDP offloads the shards it owns; "
+                         "plain DDP has nothing to offload")
+
+
+def _layer_weight_bytes(arch: Architecture, method: str, cb: int, double_quant: bool) -> float:
+    """Bytes of one decoder block's weights as stored (NF4 + constants for QLoRA): one FSDP unit."""
+    if method != "qlora":
+        return cb * (sum(i * o for i, o in arch.linear_shapes().values()) + 2 * arch.hidden)
+    return sum(sum(nf4_bytes(i * o, double_quant)) for i, o in arch.linear_shapes().values()) + cb * 2 * arch.hidden
+
+
+def _distribute(out: MemoryBreakdown, arch: Architecture, method: str, cb: int, double_quant: bool,
+                world: int, sharding: str, cpu_offload: bool) -> None:
+    """Per-GPU bytes under DDP (full copy + gradient buckets) or FSDP full shard (1/world + gathered units)."""
+    notes = out.assumptions
+    if sharding == "none":
+        out.gradients *= 2
+        notes.append(f"DDP over {world} GPUs: every GPU holds a full copy; its gradient buckets hold a second "
+                     "copy of the gradients (gradient_as_bucket_view=False, the default)")
+        return
+    sharded = ("weights", "lora_weights", "gradients", "optimizer_state")
+    for name in sharded:
+        setattr(out, name, getattr(out, name) / world)
+    out.pageable /= world
+    notes.append(f"FSDP full shard over {world} GPUs: weights, LoRA weights, gradients and optimizer state / "
+                 f"{world}; 4-bit quantization constants stay whole on every GPU (bitsandbytes keeps them on the "
+                 "module, outside the flattened parameters)")
+    # One unit per decoder block (plus the root: embeddings, LM head, final norm) is all-gathered to full size
+    # while it computes; the root stays gathered through forward and backward, BACKWARD_PRE prefetch adds one
+    # more block.
+    root = cb * arch.other_params - cb * 2 * arch.hidden * arch.layers
+    gathered = root + 2 * _layer_weight_bytes(arch, method, cb, double_quant)
+    notes.append(f"all-gathered at once: the root unit ({root / GB:.2f} GB) + 2 decoder blocks (current and "
+                 f"prefetched): {gathered / GB:.2f} GB")
+    if cpu_offload:
+        out.cpu_offloaded = sum(getattr(out, n) for n in sharded)
+        for name in sharded:
+            setattr(out, name, 0.0)
+        out.pageable = 0.0
+        notes.append("CPU offload: the shards of weights, gradients and optimizer state live in CPU RAM "
+                     f"({out.cpu_offloaded / GB:.2f} GB per process, in cpu_offloaded); the optimizer steps "
+                     "on the CPU; the GPU keeps gathered units, quantization constants and activations")
+    out.weights += gathered
 
 
 # ---------------------------------------------------------------------------------------------------------

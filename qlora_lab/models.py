@@ -156,8 +156,12 @@ def quantization_config(
     quantization: str | None,
     double_quant: bool = True,
     compute_dtype: torch.dtype = torch.bfloat16,
+    quant_storage: torch.dtype = torch.uint8,
 ):
-    """A BitsAndBytesConfig with every QLoRA setting explicit (the library defaults are fp4, no DQ, fp32)."""
+    """A BitsAndBytesConfig with every QLoRA setting explicit (the library defaults are fp4, no DQ, fp32).
+
+    `quant_storage` is the dtype the packed 4-bit codes are stored in; FSDP needs it equal to the compute dtype.
+    """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization={quantization!r} is not one of {list(QUANTIZATIONS)}")
     if quantization is None:
@@ -171,7 +175,7 @@ def quantization_config(
         bnb_4bit_quant_type=quantization,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=quant_storage,
     )
 
 
@@ -182,14 +186,16 @@ def load_model(
     compute_dtype: torch.dtype = torch.bfloat16,
     device_map=None,
     num_hidden_layers: int | None = None,
+    quant_storage: torch.dtype = torch.uint8,
 ):
     """Load a causal LM in 16-bit (compute_dtype) or through bitsandbytes in nf4/fp4/int8.
 
     `num_hidden_layers` cuts the model to its first blocks: only those are read (and quantized).
+    `quant_storage` (4-bit only): the dtype holding the packed codes; torch.bfloat16 for FSDP.
     """
     from transformers import AutoModelForCausalLM
 
-    qconfig = quantization_config(quantization, double_quant, compute_dtype)
+    qconfig = quantization_config(quantization, double_quant, compute_dtype, quant_storage)
     if qconfig is not None and device_map is None:
         device_map = {"": 0} if torch.cuda.is_available() else "cpu"
     resolved = _resolve(name)
