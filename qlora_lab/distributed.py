@@ -92,7 +92,8 @@ def fsdp_settings(env: dict[str, str] | None = None) -> dict[str, Any]:
     env = os.environ if env is None else env
     flag = lambda key, default: env.get(key, str(default)).lower() == "true"  # noqa: E731
     return {"sharding_strategy": env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD"),
-            "use_orig_params": flag("FSDP_USE_ORIG_PARAMS", False), "offload_params": flag("FSDP_OFFLOAD_PARAMS", False),
+            "use_orig_params": flag("FSDP_USE_ORIG_PARAMS", False),
+            "offload_params": flag("FSDP_OFFLOAD_PARAMS", False),
             "cpu_ram_efficient_loading": flag("FSDP_CPU_RAM_EFFICIENT_LOADING", False),
             "sync_module_states": flag("FSDP_SYNC_MODULE_STATES", True)}
 
@@ -122,32 +123,31 @@ def counting_allreduce_hook(state: dict[str, int], bucket):
     return default_hooks.allreduce_hook(None, bucket)
 
 
-class CollectiveCounter:
-    """Count the bytes FSDP gathers and reduce-scatters, by wrapping torch.distributed's functions while it runs."""
+#: torch.distributed functions FSDP moves weights and gradients with, by the kind of collective.
+COLLECTIVES = {"all_gather": "all_gather", "all_gather_single": "all_gather", "all_gather_into_tensor": "all_gather",
+               "reduce_scatter_single": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter"}
 
-    KINDS = {"all_gather": "all_gather", "all_gather_single": "all_gather", "all_gather_into_tensor": "all_gather",
-             "reduce_scatter_single": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter"}
 
-    def __enter__(self) -> "CollectiveCounter":
-        import torch.distributed as dist
+@contextlib.contextmanager
+def counting_collectives():
+    """Count the bytes FSDP gathers and reduce-scatters, by wrapping torch.distributed's functions meanwhile."""
+    import torch.distributed as dist
 
-        self.bytes = {"all_gather": 0, "reduce_scatter": 0}
-        self._saved = {n: getattr(dist, n) for n in self.KINDS if hasattr(dist, n)}
-        size = lambda t: sum(x.numel() * x.element_size() for x in (t if isinstance(t, list) else [t]))  # noqa: E731
+    counts = {"all_gather": 0, "reduce_scatter": 0}
+    saved = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+    nbytes = lambda t: sum(x.numel() * x.element_size() for x in (t if isinstance(t, list) else [t]))  # noqa: E731
 
-        def counting(name: str, fn):
-            def counted(out, inp, *a, **k):  # the full (unsharded) side: what one rank gathers or reduces
-                self.bytes[self.KINDS[name]] += max(size(out), size(inp))
-                return fn(out, inp, *a, **k)
-            return counted
-        for name, fn in self._saved.items():
-            setattr(dist, name, counting(name, fn))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        import torch.distributed as dist
-
-        for name, fn in self._saved.items():
+    def counting(name: str, fn):
+        def counted(out, inp, *args, **kwargs):  # the full (unsharded) side: what one rank gathers or reduces
+            counts[COLLECTIVES[name]] += max(nbytes(out), nbytes(inp))
+            return fn(out, inp, *args, **kwargs)
+        return counted
+    for name, fn in saved.items():
+        setattr(dist, name, counting(name, fn))
+    try:
+        yield counts
+    finally:
+        for name, fn in saved.items():
             setattr(dist, name, fn)
 
 
@@ -168,9 +168,9 @@ def wrap(model, strategy: str, device: torch.device, comm: dict[str, int]) -> tu
     if device.type == "cpu":  # both need a GPU: offload pins host memory, sync broadcasts from GPU memory
         s["dropped_on_cpu"] = [k for k in ("offload_params", "sync_module_states") if s[k]]
         s.update({k: False for k in s["dropped_on_cpu"]})
-    net = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), sharding_strategy=ShardingStrategy[s["sharding_strategy"]],
-               use_orig_params=s["use_orig_params"], cpu_offload=CPUOffload(offload_params=s["offload_params"]),
-               device_id=device, sync_module_states=s["sync_module_states"])
+    net = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=s["use_orig_params"],
+               sharding_strategy=ShardingStrategy[s["sharding_strategy"]], device_id=device,
+               cpu_offload=CPUOffload(offload_params=s["offload_params"]), sync_module_states=s["sync_module_states"])
     return net, s
 
 
@@ -221,9 +221,9 @@ def _steps(net, opt, blocks: torch.Tensor, args: argparse.Namespace, micro: int,
 
     rank, world = dist.get_rank(), dist.get_world_size()
     losses, times, moved = [], [], []
-    with CollectiveCounter() as fsdp_comm:
+    with counting_collectives() as fsdp_comm:
         for step in range(args.steps):
-            start, before = time.perf_counter(), {**comm, **fsdp_comm.bytes}
+            start, before = time.perf_counter(), {**comm, **fsdp_comm}
             chunks = blocks[rank_rows(step, rank, world, args.global_batch)].to(device).split(micro)
             total = torch.zeros((), device=device)
             for i, chunk in enumerate(chunks):  # gradient accumulation: DDP syncs only on the last micro-batch
@@ -236,7 +236,7 @@ def _steps(net, opt, blocks: torch.Tensor, args: argparse.Namespace, micro: int,
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-            moved.append({k: v - before[k] for k, v in {**comm, **fsdp_comm.bytes}.items()})
+            moved.append({k: v - before[k] for k, v in {**comm, **fsdp_comm}.items()})
             dist.all_reduce(total)
             losses.append(total.item() / world)
             if rank == 0:
