@@ -136,6 +136,21 @@ def test_elo_rejects_bad_arguments():
         judging.elo(games, k=-1)
     with pytest.raises(judging.JudgmentFormatError, match="winner=7"):
         judging.elo(matches([("a", "b", 7)]))
+    with pytest.raises(ValueError, match="not permutations of the 2 usable matches"):
+        judging.elo(matches([("a", "b", 1), ("b", "a", 1)]), orders=np.array([[0, 0]]))
+
+
+def test_elo_replays_given_orders_exactly():
+    games = matches([("a", "b", 1), ("b", "c", 3), ("c", "a", 2)])
+    orders = np.array([[0, 1, 2], [2, 1, 0]])
+    result = judging.elo(games, orders=orders)
+    for row, order in zip(result.ratings, orders):  # by hand, one order at a time
+        rating = {"a": 1000.0, "b": 1000.0, "c": 1000.0}
+        for i in order:
+            x, y, w = games.iloc[i][["assistant_1", "assistant_2", "winner"]]
+            change = 32 * ({1: 1.0, 2: 0.0, 3: 0.5}[w] - 1 / (1 + 10 ** ((rating[y] - rating[x]) / 400)))
+            rating[x], rating[y] = rating[x] + change, rating[y] - change
+        assert row == pytest.approx([rating[m] for m in result.models])
 
 
 def test_bradley_terry_recovers_known_strengths():
@@ -205,6 +220,8 @@ def test_tournament_with_reference_judge_and_ballot():
     assert list(votes["winner"]) == [1, 3] and set(votes.columns) >= {"assistant_1", "assistant_2"}
     with pytest.raises(ValueError, match="choices='1x'"):
         ballot.vote("1x")
+    ballot.judge_with(judging.reference_judge(references))
+    assert len(ballot.matches()) == 3 and set(ballot.matches()["winner"]) <= {1, 2, 3}
 
 
 def test_lm_judge_reads_both_orders_with_the_embedded_model():
