@@ -33,6 +33,7 @@ COURSE_MAP: dict[str, tuple[str, str, float]] = {
     "05_memory_budget": ("Memory budget", "an estimator for full / LoRA / QLoRA by model size, checked against measurement", 1),
     "06_guanaco_oasst1_finetune": ("Guanaco OASST1 fine-tune", "OASST1 trees to Guanaco text, QLoRA with the paper's recipe, evaluate, chat, save, merge", 5),
     "07_qlora_vs_lora_vs_full": ("QLoRA vs LoRA vs full", "the same run in 16-bit full, 16-bit LoRA and QLoRA NF4+DQ / NF4 / FP4 / Int4", 5),
+    "08_judging_chatbots": ("Judging chatbots", "the paper's GPT-4 judgments: % of ChatGPT, Elo over 10,000 orders, order bias, Bradley-Terry, rank stability; our models judged", 2),
     "10_beyond_one_gpu": ("Beyond one GPU", "DDP QLoRA on 2 processes (gloo), FSDP + QLoRA config and invariants, the sharded memory budget", 2),
 }
 
@@ -49,6 +50,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "05_memory_budget": {"measure_model": "embedded", "measure_methods": ["full", "lora", "qlora"], "measure_shapes": [[1, 64], [4, 128]]},  # cpu: 05_memory_budget
         "06_guanaco_oasst1_finetune": {"recipe": "cpu", "max_steps": 40, "n_eval_prompts": 22, "max_new_tokens": 384, "repetition_penalty": 1.2},
         "07_qlora_vs_lora_vs_full": {"model_name": None, "data_source": "embedded", "seeds": [0, 1], "max_steps": 10, "batch_size": 4, "max_length": 128, "eval_rows": 22, "lora_lr": 2e-3, "full_lr": 2e-4, "optim": "paged_adamw_32bit"},  # cpu: 07_qlora_vs_lora_vs_full
+        "08_judging_chatbots": {"elo_orders": 10_000, "oa_orders": 1000, "n_boot": 1000, "stability_repeats": 30, "model_name": None, "judge_model": None, "train_steps": 2, "n_prompts": 8, "max_new_tokens": 32},  # cpu: 08_judging_chatbots
         "10_beyond_one_gpu": {"model_name": None, "num_layers": 4, "steps": 4, "global_batch": 4, "seq_len": 64, "lora_r": 64, "launch_timeout": 300},  # cpu: 10_beyond_one_gpu
     },
     "gpu": {
@@ -60,6 +62,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "05_memory_budget": {"measure_model": "llama-7b", "measure_methods": ["lora", "qlora"], "measure_shapes": [[1, 512], [4, 512]]},  # gpu: 05_memory_budget
         "06_guanaco_oasst1_finetune": {"recipe": "guanaco-7b", "max_steps": 1875, "n_eval_prompts": 64, "max_new_tokens": 512, "repetition_penalty": 1.2},
         "07_qlora_vs_lora_vs_full": {"model_name": "HuggingFaceTB/SmolLM2-1.7B", "data_source": "guanaco-hub", "seeds": [0, 1], "max_steps": 300, "batch_size": 16, "max_length": 512, "eval_rows": 518, "lora_lr": 2e-4, "full_lr": 2e-5, "optim": "paged_adamw_32bit"},  # gpu: 07_qlora_vs_lora_vs_full
+        "08_judging_chatbots": {"elo_orders": 10_000, "oa_orders": 10_000, "n_boot": 10_000, "stability_repeats": 200, "model_name": "HuggingFaceTB/SmolLM2-1.7B-Instruct", "judge_model": "Qwen/Qwen2.5-7B-Instruct", "train_steps": 100, "n_prompts": 22, "max_new_tokens": 256},  # gpu: 08_judging_chatbots
         "10_beyond_one_gpu": {"model_name": "huggyllama/llama-7b", "num_layers": None, "steps": 10, "global_batch": 8, "seq_len": 512, "lora_r": 64, "launch_timeout": 1800},  # gpu: 10_beyond_one_gpu
     },
 }
