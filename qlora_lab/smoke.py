@@ -18,7 +18,8 @@ ENV = "QLORA_LAB_SMOKE"  # the stand-ins' folder; set by the course runner for a
 LIMITS: dict[str, Any] = {
     "max_steps": 2, "max_new_tokens": 8, "n_eval_prompts": 2, "eval_rows": 2, "max_length": 64, "seq_len": 32,
     "train_blocks": 4, "eval_blocks": 2, "batch_size": 2, "error_params": 200_000, "short_len": 16,
-    "long_len": 64, "cuda_short_len": 16, "cuda_long_len": 64,
+    "long_len": 64, "cuda_short_len": 16, "cuda_long_len": 64, "steps": 4, "train_steps": 2, "n_prompts": 2,
+    "elo_orders": 100, "oa_orders": 100, "n_boot": 100, "stability_repeats": 3, "global_batch": 4,
 }
 LIST_LIMITS: dict[str, Any] = {"measure_shapes": [[1, 32]], "seeds": [0]}
 #: The stand-in's shape: LLaMA-7B's 32 layers and module names, a width small enough for a CPU.
