@@ -220,6 +220,7 @@ def test_block_formula_where_the_loss_head_does_not_dominate(tmp_path, method, d
 ])
 def test_numbers_and_flags_that_cannot_work_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
+        memory.estimate_training_memory("llama-7b", "qlora", **kwargs)
 
 # ------------------------------------------------------------------------ several GPUs: DDP, FSDP, offload
 def test_one_gpu_defaults_leave_every_result_unchanged():
