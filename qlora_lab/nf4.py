@@ -205,8 +205,23 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64)
     return Quantized4bit(pack_nibbles(index), absmax, quant_type, blocksize, w.shape, w.dtype)
 
 
+def _check_state(q: Quantized4bit) -> None:
+    """A state whose parts disagree would dequantize to silently wrong values: refuse it, naming the parts."""
+    _check_quant_type(q.quant_type)
+    _check_blocksize(q.blocksize)
+    n = q.numel
+    if q.packed.numel() != (n + 1) // 2:
+        raise QuantizationError(f"packed holds {q.packed.numel()} bytes but shape {tuple(q.shape)} needs "
+                                f"{(n + 1) // 2} (two 4-bit values per byte)")
+    blocks = -(-n // q.blocksize)
+    if q.absmax.numel() != blocks:
+        raise QuantizationError(f"absmax has {q.absmax.numel()} values but shape {tuple(q.shape)} in blocks of "
+                                f"{q.blocksize} needs {blocks}: a state from another blocksize or shape")
+
+
 def dequantize_4bit(q: Quantized4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Look each index up in the code and multiply by its block's absmax (in float32), then cast."""
+    _check_state(q)
     code = _cached_code(q.quant_type).to(q.packed.device)
     values = code[unpack_nibbles(q.packed, q.numel).long()]
     n, bs = q.numel, q.blocksize

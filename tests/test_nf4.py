@@ -243,3 +243,17 @@ def test_bench_subcommand(capsys):
 
     assert cli.main(["bench", "--size", "128", "--repeats", "1", "--dtype", "fp16", "--quant-type", "fp4"]) == 0
     assert "bytes equal: True" in capsys.readouterr().out
+
+
+def test_dequantize_refuses_a_state_whose_parts_disagree():
+    import dataclasses
+
+    q = nf4.quantize_4bit(torch.randn(8, 64), "nf4", 64)
+    with pytest.raises(nf4.QuantizationError, match=r"absmax has 8 values but shape \(8, 64\) in blocks of 128 needs 4"):
+        nf4.dequantize_4bit(dataclasses.replace(q, blocksize=128))
+    with pytest.raises(nf4.QuantizationError, match=r"packed holds 256 bytes but shape \(16, 64\) needs 512"):
+        nf4.dequantize_4bit(dataclasses.replace(q, shape=torch.Size([16, 64])))
+    with pytest.raises(nf4.QuantizationError, match=r"absmax has 7 values"):
+        nf4.dequantize_4bit(dataclasses.replace(q, absmax=q.absmax[:7]))
+    with pytest.raises(ValueError, match="blocksize"):
+        nf4.dequantize_4bit(dataclasses.replace(q, blocksize=48))
