@@ -73,3 +73,55 @@ def test_missing_embedded_package_says_what_to_install(monkeypatch, tmp_path):
 def test_cache_dir_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("QLORA_LAB_CACHE", str(tmp_path / "c"))
     assert models.cache_dir() == tmp_path / "c"
+
+
+def _four_bit_state(model) -> dict[str, torch.Tensor]:
+    """Every tensor that decides a 4-bit model's outputs: parameters, buffers and each QuantState's constants."""
+    out = {f"param:{n}": p.data for n, p in model.named_parameters()}
+    out.update({f"buffer:{n}": b for n, b in model.named_buffers()})
+    for name, module in model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            out[f"{name}.absmax"], out[f"{name}.code"] = state.absmax, state.code
+            out[f"{name}.meta"] = torch.tensor([state.blocksize, *state.shape, state.nested])
+            if state.nested:
+                out[f"{name}.offset"], out[f"{name}.absmax2"] = state.offset, state.state2.absmax
+                out[f"{name}.code2"] = state.state2.code
+    return out
+
+
+@pytest.mark.parametrize("quantization, double_quant", [("nf4", True), ("fp4", False)])
+def test_stored_4bit_copy_has_the_bytes_of_a_fresh_quantization(quantization, double_quant):
+    from transformers import AutoModelForCausalLM
+
+    stored = models.load_model(quantization=quantization, double_quant=double_quant)
+    assert models.quantized_model_path(quantization, double_quant).name in stored.name_or_path
+    fresh = AutoModelForCausalLM.from_pretrained(
+        models.embedded_model_path(), dtype=torch.bfloat16, device_map="cpu",
+        quantization_config=models.quantization_config(quantization, double_quant))
+    a, b = _four_bit_state(stored), _four_bit_state(fresh)
+    assert a.keys() == b.keys() and len(a) > 600
+    differing = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not differing, differing[:5]
+    q = stored.model.layers[0].self_attn.q_proj
+    assert type(q).__name__ == "Linear4bit" and q.compute_dtype == torch.bfloat16
+    assert q.weight.quant_state.quant_type == quantization and q.weight.quant_state.nested == double_quant
+
+
+def test_stored_copy_is_used_only_where_its_bytes_are_right():
+    assert models._stored_quantized(None, "nf4", "cpu", None)
+    assert models._stored_quantized("embedded", "fp4", "cpu", None)
+    assert not models._stored_quantized(None, "int8", "cpu", None)  # 8-bit is not stored
+    assert not models._stored_quantized(None, "nf4", {"": 0}, None)  # CUDA rounds double quantization exactly
+    assert not models._stored_quantized(None, "nf4", "cpu", 2)  # a cut model quantizes only what it keeps
+    assert not models._stored_quantized("some/hub-model", "nf4", "cpu", None)
+    with pytest.raises(ValueError, match="int8"):
+        models.quantized_model_path("int8")
+
+
+def test_second_nf4_load_is_fast():
+    models.load_model(quantization="nf4")  # stored once, files in the page cache
+    start = time.perf_counter()
+    models.load_model(quantization="nf4")
+    elapsed = time.perf_counter() - start
+    assert elapsed < 5, f"second NF4 load took {elapsed:.1f} s"
