@@ -310,7 +310,7 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64)
     _check_weight(w)
     _check_quant_type(quant_type)
     _check_blocksize(blocksize)
-    flat = w.reshape(-1)
+    flat = w.detach().reshape(-1)  # a parameter that requires grad: quantizing is not differentiable anyway
     n = flat.numel()
     full = n - n % blocksize
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device)

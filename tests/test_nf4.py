@@ -190,6 +190,11 @@ def test_fast_quantizer_is_the_same_for_any_thread_count(threads):
     assert torch.equal(fast.packed, nf4.quantize_4bit_reference(w, "fp4").packed)
 
 
+def test_a_parameter_that_requires_grad_quantizes_like_its_data():
+    weight = torch.nn.Parameter(torch.randn(256, 512) * 0.02)
+    assert torch.equal(nf4.quantize_4bit(weight).packed, nf4.quantize_4bit_reference(weight.detach()).packed)
+
+
 def test_values_beyond_the_bucketize_range_and_tiny_scales():
     """Subnormal absmax (clamped to 1e-38 like bitsandbytes), huge values, and an all-equal block."""
     w = torch.cat([torch.full((64,), 1e-39), torch.full((64,), 3e38), torch.full((64,), -2.5), torch.randn(64)])
