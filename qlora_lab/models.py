@@ -179,6 +179,61 @@ def quantization_config(
     )
 
 
+#: 4-bit formats whose embedded model is quantized once and stored in the cache (loads then read the bytes).
+STORED_QUANTIZATIONS = ("nf4", "fp4")
+
+
+def _stored_quantized(name, quantization: str | None, device_map, num_hidden_layers: int | None) -> bool:
+    """Use the stored 4-bit copy: the whole embedded model, quantized on the CPU (where bnb's DQ rounding is ours)."""
+    embedded = name is None or str(name) in EMBEDDED_ALIASES
+    return (embedded and quantization in STORED_QUANTIZATIONS and num_hidden_layers is None
+            and device_map in ("cpu", {"": "cpu"}))
+
+
+def quantized_model_dir(quantization: str = "nf4", double_quant: bool = True,
+                        compute_dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Where the stored 4-bit copy of the embedded model lives; the name carries every setting and both versions
+    that decide its bytes (bitsandbytes quantizes, transformers serializes)."""
+    import bitsandbytes
+    import transformers
+
+    dtype = str(compute_dtype).removeprefix("torch.")
+    return cache_dir() / (f"{EMBEDDED_NAME}-from-gguf-{EMBEDDED_VERSION}-{quantization}{'-dq' if double_quant else ''}"
+                          f"-{dtype}-bnb{bitsandbytes.__version__}-tf{transformers.__version__}")
+
+
+def quantized_model_path(quantization: str = "nf4", double_quant: bool = True,
+                         compute_dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Quantize the embedded model through bitsandbytes once, on the CPU, and store it (atomically) in the cache.
+
+    transformers saves a bitsandbytes 4-bit model with its packed weights and every QuantState constant, and
+    loads it back without quantizing again: the bytes are those of a fresh quantization (tests/test_models.py).
+    """
+    if quantization not in STORED_QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r}: only {list(STORED_QUANTIZATIONS)} are stored")
+    target = quantized_model_dir(quantization, double_quant, compute_dtype)
+    if (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        embedded_model_path(), dtype=compute_dtype, device_map="cpu",
+        quantization_config=quantization_config(quantization, double_quant, compute_dtype))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if (target / "model.safetensors").is_file():  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(target, ignore_errors=True)  # a folder without its weights is a failed save
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def load_model(
     name: str | os.PathLike | None = None,
     quantization: str | None = None,
@@ -198,17 +253,17 @@ def load_model(
     qconfig = quantization_config(quantization, double_quant, compute_dtype, quant_storage)
     if qconfig is not None and device_map is None:
         device_map = {"": 0} if torch.cuda.is_available() else "cpu"
-    resolved = _resolve(name)
-    cut = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
-    _check_layers(resolved, num_hidden_layers)
+    if _stored_quantized(name, quantization, device_map, num_hidden_layers):
+        # The same bytes bitsandbytes would compute now, read back instead of recomputed (seconds saved per load).
+        resolved, qconfig = str(quantized_model_path(quantization, double_quant, compute_dtype)), None
+    else:
+        resolved = _resolve(name)
+        _check_layers(resolved, num_hidden_layers)
+    extra = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
+    if qconfig is not None:  # not even None otherwise: that would hide a stored copy's own quantization config
+        extra["quantization_config"] = qconfig
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolved,
-            dtype=compute_dtype,
-            quantization_config=qconfig,
-            device_map=device_map,
-            **cut,
-        )
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=compute_dtype, device_map=device_map, **extra)
     except (OSError, ValueError) as err:
         if "bitsandbytes" in str(err):
             raise

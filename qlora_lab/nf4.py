@@ -187,8 +187,17 @@ def _scale_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, tor
     return absmax, scaled
 
 
-def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64) -> Quantized4bit:
-    """Blockwise 4-bit quantization: absmax per block, scale to [-1, 1], nearest code value, pack two per byte."""
+def _nearest_index(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """The code index of each scaled value by binary search over the 15 midpoints (ties to the lower code)."""
+    midpoints, order = _bounds(quant_type)
+    index = torch.bucketize(scaled, midpoints.to(scaled.device), out_int32=True).to(torch.uint8)
+    if order is not None:  # FP4/Int4 tables are not sorted by index
+        index = order.to(index.device)[index.long()]
+    return index
+
+
+def quantize_4bit_reference(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64) -> Quantized4bit:
+    """The textbook quantizer (bitsandbytes' own CPU code): scale, clamp, `bucketize`, pack; slow but plain."""
     _check_weight(w)
     _check_quant_type(quant_type)
     _check_blocksize(blocksize)
@@ -197,40 +206,170 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64)
     _check_finite(w, absmax)
     if scaled.numel() % 2:  # an odd count gets a padding value of 0.0 (its code is stored in the last low nibble)
         scaled = torch.nn.functional.pad(scaled, (0, 1))
-    midpoints, order = _bounds(quant_type)
-    # bucketize = nearest code value; a value exactly on a midpoint goes to the lower code.
-    index = torch.bucketize(scaled, midpoints.to(scaled.device), out_int32=True).to(torch.uint8)
-    if order is not None:  # FP4/Int4 tables are not sorted by index
-        index = order.to(index.device)[index.long()]
-    return Quantized4bit(pack_nibbles(index), absmax, quant_type, blocksize, w.shape, w.dtype)
+    return Quantized4bit(pack_nibbles(_nearest_index(scaled, quant_type)), absmax, quant_type, blocksize,
+                         w.shape, w.dtype)
+
+
+# ------------------------------------------------------------------------------------------- the fast path
+#: Elements per chunk of the fast quantizer: its temporaries (about 14 bytes per element) stay in a core's L2
+#: cache, and an op on 32,768 elements runs on the calling thread (torch splits only larger ones across cores).
+CHUNK = 1 << 15
+
+
+@lru_cache(maxsize=None)
+def lookup_tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per 16-bit key (the top half of a float32: sign, exponent, 7 mantissa bits), a sorted position and a threshold.
+
+    Every float32 whose top 16 bits are `key` lies in one small interval. `lo[key]` is the number of midpoints
+    below that interval's smallest value and `threshold[key]` the next midpoint up, so a value's position among
+    the sorted codes is `lo[key] + (value > threshold[key])`: the comparison can only be true when a midpoint
+    falls inside the interval (15 of the 65,536 keys), and there it is exactly bucketize's test (ties go to the
+    lower code). Both tables are indexed by `key + 32768`.
+    """
+    midpoints, _ = _bounds(quant_type)
+    top = (torch.arange(65536, dtype=torch.int32) - 32768) << 16
+    ends = torch.stack([top.view(torch.float32), (top | 0xFFFF).view(torch.float32)])  # both ends of each interval
+    low, high = ends.min(0).values, ends.max(0).values
+    lo = torch.bucketize(low, midpoints)
+    if int((torch.bucketize(high, midpoints) - lo)[~low.isnan()].max()) > 1:  # never for the 4-bit codes
+        raise AssertionError(f"two {quant_type} midpoints share one 16-bit key; the lookup would be wrong")
+    threshold = torch.cat([midpoints, torch.tensor([float("inf")])])[lo]
+    return lo.to(torch.uint8), threshold
+
+
+def _block_absmax(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    """max |x| per block into `out` (float32). For 16-bit floats on the bit patterns: clearing the sign bit is |x|,
+    and non-negative floats order like their bits as integers (NaN stays above Inf), so it is exact, and fast."""
+    if blocks.dtype in (torch.bfloat16, torch.float16):
+        out.copy_((blocks.view(torch.int16) & 0x7FFF).amax(dim=1).view(blocks.dtype))
+    else:
+        torch.amax(blocks.abs(), dim=1, out=out)
+
+
+def _quantize_rows(blocks: torch.Tensor, quant_type: str, absmax: torch.Tensor, out: torch.Tensor) -> None:
+    """Absmax and packed bytes of whole blocks, chunk by chunk, without bucketize.
+
+    Per element: scaled = x * (1/absmax) in float32 as bitsandbytes computes it (no clamp: values just beyond
+    +-1 fall in the end codes anyway), key = its top 16 bits, position = lo[key] + (scaled > threshold[key]).
+    """
+    lo, threshold = (t.to(blocks.device) for t in lookup_tables(quant_type))
+    order = _bounds(quant_type)[1]
+    blocksize = blocks.shape[1]
+    rows = max(1, CHUNK // blocksize) if blocks.device.type == "cpu" else blocks.shape[0]
+    m = min(rows, blocks.shape[0]) * blocksize
+    scaled = torch.empty(m, dtype=torch.float32, device=blocks.device)  # buffers reused chunk after chunk
+    key = torch.empty(m, dtype=torch.int32, device=blocks.device)
+    index = torch.empty(m, dtype=torch.uint8, device=blocks.device)
+    above = torch.empty(m, dtype=torch.float32, device=blocks.device)
+    over = torch.empty(m, dtype=torch.bool, device=blocks.device)
+    for b in range(0, blocks.shape[0], rows):
+        part, am = blocks[b:b + rows], absmax[b:b + rows]
+        k = part.numel()
+        s, kk, ix, th, gt = scaled[:k], key[:k], index[:k], above[:k], over[:k]
+        _block_absmax(part, am)
+        torch.mul(part, (1.0 / am.clamp(min=1e-38)).unsqueeze(1), out=s.view(-1, blocksize))
+        torch.bitwise_right_shift(s.view(torch.int32), 16, out=kk)
+        kk.add_(32768)
+        torch.index_select(lo, 0, kk, out=ix)
+        torch.index_select(threshold, 0, kk, out=th)
+        torch.gt(s, th, out=gt)
+        ix.add_(gt)
+        if order is not None:  # FP4/Int4 tables are not sorted by index
+            ix.copy_(order.to(ix.device)[ix.long()])
+        start = b * blocksize // 2
+        torch.add(ix[1::2], ix[0::2], alpha=16, out=out[start:start + k // 2])  # high nibble first
+
+
+def _quantize_full_blocks(blocks: torch.Tensor, quant_type: str, absmax: torch.Tensor, out: torch.Tensor) -> None:
+    """Split the blocks into one contiguous part per torch thread, each run by its own Python thread.
+
+    Small single-threaded ops in parallel threads beat many tiny multi-threaded ops: those wait for every core at
+    each op, which costs most when other programs share the machine.
+    """
+    workers = torch.get_num_threads() if blocks.device.type == "cpu" else 1
+    per = -(-blocks.shape[0] // workers)
+    if workers < 2 or blocks.numel() < 2 * CHUNK:
+        _quantize_rows(blocks, quant_type, absmax, out)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    half = per * blocks.shape[1] // 2  # bytes per part
+    jobs = [(blocks[b:b + per], quant_type, absmax[b:b + per], out[i * half:(i + 1) * half])
+            for i, b in enumerate(range(0, blocks.shape[0], per))]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        for future in [pool.submit(_quantize_rows, *job) for job in jobs]:
+            future.result()
+
+
+def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64) -> Quantized4bit:
+    """Blockwise 4-bit quantization: absmax per block, scale to [-1, 1], nearest code value, pack two per byte.
+
+    The same bytes as `quantize_4bit_reference` (and bitsandbytes), computed with a table lookup instead of
+    `bucketize`, in cache-sized chunks: several times faster (`qlora-lab bench`).
+    """
+    _check_weight(w)
+    _check_quant_type(quant_type)
+    _check_blocksize(blocksize)
+    flat = w.detach().reshape(-1)  # a parameter that requires grad: quantizing is not differentiable anyway
+    n = flat.numel()
+    full = n - n % blocksize
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device)
+    packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=w.device)
+    if full:
+        _quantize_full_blocks(flat[:full].view(-1, blocksize), quant_type, absmax[: full // blocksize],
+                              packed.view(-1))
+    if full < n:  # a short last block: the library divides here (no reciprocal) and stores the clamped absmax
+        tail = flat[full:].float()
+        absmax[-1] = tail.abs().max().clamp(min=1e-38)
+        scaled_tail = (tail / absmax[-1]).clamp_(-1, 1)
+        if scaled_tail.numel() % 2:  # an odd count gets a padding value of 0.0 (its code is the last low nibble)
+            scaled_tail = torch.nn.functional.pad(scaled_tail, (0, 1))
+        packed[full // 2:] = pack_nibbles(_nearest_index(scaled_tail, quant_type))
+    _check_finite(w, absmax)  # NaN/Inf only give meaningless bytes above, never an error mid-way
+    return Quantized4bit(packed, absmax, quant_type, blocksize, w.shape, w.dtype)
 
 
 def _check_state(q: Quantized4bit) -> None:
-    """A state whose parts disagree would dequantize to silently wrong values: refuse it, naming the parts."""
+    """A Quantized4bit whose parts disagree would dequantize to garbage (or crash deep inside): refuse it."""
     _check_quant_type(q.quant_type)
-    _check_blocksize(q.blocksize)
+    if q.blocksize not in ALLOWED_BLOCKSIZES:
+        raise QuantizationError(f"blocksize={q.blocksize!r} is not allowed; bitsandbytes accepts "
+                                f"{list(ALLOWED_BLOCKSIZES)}.")
     n = q.numel
+    if n < 1 or any(d < 0 for d in q.shape):
+        raise QuantizationError(f"shape={tuple(q.shape)} holds no values; a quantized tensor needs at least one.")
     if q.packed.numel() != (n + 1) // 2:
-        raise QuantizationError(f"packed holds {q.packed.numel()} bytes but shape {tuple(q.shape)} needs "
-                                f"{(n + 1) // 2} (two 4-bit values per byte)")
+        raise QuantizationError(f"{q.packed.numel():,} packed bytes do not match shape={tuple(q.shape)} "
+                                f"({n:,} values need {(n + 1) // 2:,} bytes).")
     blocks = -(-n // q.blocksize)
     if q.absmax.numel() != blocks:
-        raise QuantizationError(f"absmax has {q.absmax.numel()} values but shape {tuple(q.shape)} in blocks of "
-                                f"{q.blocksize} needs {blocks}: a state from another blocksize or shape")
+        raise QuantizationError(f"absmax has {q.absmax.numel():,} values but shape={tuple(q.shape)} with "
+                                f"blocksize={q.blocksize} has {blocks:,} blocks (one absmax per block).")
+
+
+@lru_cache(maxsize=None)
+def _pair_table(quant_type: str) -> torch.Tensor:
+    """Byte -> its two code values (high nibble first): one lookup per byte instead of unpacking nibbles."""
+    code = _cached_code(quant_type)
+    return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).contiguous()
 
 
 def dequantize_4bit(q: Quantized4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Look each index up in the code and multiply by its block's absmax (in float32), then cast."""
+    """Look each index up in the code and multiply by its block's absmax (in float32), then cast.
+
+    Two values per byte come from one lookup in a 256-row table, and the float32 product is rounded once, on
+    the way into the output dtype: the same numbers as unpacking nibbles first, several times faster.
+    """
     _check_state(q)
-    code = _cached_code(q.quant_type).to(q.packed.device)
-    values = code[unpack_nibbles(q.packed, q.numel).long()]
     n, bs = q.numel, q.blocksize
+    table = _pair_table(q.quant_type).to(q.packed.device)
+    values = torch.nn.functional.embedding(q.packed.reshape(-1).view(torch.uint8).int(), table).view(-1)
+    out = torch.empty(n, dtype=dtype or q.dtype, device=q.packed.device)
     full = n - n % bs
-    out = torch.empty(n, dtype=torch.float32, device=values.device)
-    out[:full] = (values[:full].view(-1, bs) * q.absmax[: full // bs].unsqueeze(1)).view(-1)
+    torch.mul(values[:full].view(-1, bs), q.absmax[: full // bs].unsqueeze(1), out=out[:full].view(-1, bs))
     if full < n:
-        out[full:] = values[full:] * q.absmax[-1]
-    return out.view(q.shape).to(dtype or q.dtype)
+        out[full:] = values[full:n] * q.absmax[-1]
+    return out.view(q.shape)
 
 
 def fake_quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64) -> torch.Tensor:

@@ -18,7 +18,6 @@ import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -47,26 +46,6 @@ class StudyError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------ the 4-bit layer
-@lru_cache(maxsize=None)
-def _pair_table(quant_type: str) -> torch.Tensor:
-    """Byte -> its two code values (high nibble first): one lookup per byte instead of unpacking nibbles."""
-    code = nf4.code_for(quant_type)
-    return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).contiguous()
-
-
-def fast_dequantize(q: nf4.Quantized4bit, dtype: torch.dtype) -> torch.Tensor:
-    """`nf4.dequantize_4bit` bit for bit, 2-6x faster on a CPU: it runs in every forward and backward of QLoRA."""
-    n = q.numel
-    if n % q.blocksize or n % 2:  # a short last block: the reference path handles it
-        return nf4.dequantize_4bit(q, dtype)
-    table = _pair_table(q.quant_type).to(q.packed.device)
-    values = F.embedding(q.packed.view(-1).int(), table)  # (n/2, 2) float32
-    out = torch.empty(q.shape, dtype=dtype, device=q.packed.device)
-    # value x absmax in float32, rounded once to `dtype` on write: what bitsandbytes computes.
-    torch.mul(values.view(-1, q.blocksize), q.absmax.unsqueeze(1), out=out.view(-1, q.blocksize))
-    return out
-
-
 class _Dequant4bitLinear(torch.autograd.Function):
     """y = x W^T with W rebuilt from 4 bits; backward rebuilds W again instead of saving it (bnb's MatMul4Bit)."""
 
@@ -119,7 +98,7 @@ class Frozen4bitLinear(torch.nn.Linear):
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out, in) weight the layer computes with, rebuilt on every call (nothing is cached)."""
-        return fast_dequantize(self.quantized(), dtype or self.compute_dtype)
+        return nf4.dequantize_4bit(self.quantized(), dtype or self.compute_dtype)
 
     def nbytes(self) -> int:
         """Bytes stored: packed codes plus constants (float32 absmax, or uint8 codes + absmax2 + offset)."""

@@ -89,3 +89,14 @@ def test_repetition_penalty_reaches_generate(tokenizer):
     again = evaluate.generate_replies(model, tokenizer, prompts, max_new_tokens=24, repetition_penalty=1.2)
     assert [r.text for r in again] == [r.text for r in penalised]  # greedy: the same replies every run
     assert tokenizer.padding_side == side  # left padding for generation is undone afterwards
+
+
+def test_marker_check_reads_only_the_newest_tokens_and_still_stops(tokenizer):
+    """The stopping check decodes a short window; a marker completed by the newest token is always inside it."""
+    prompt = ids(tokenizer, "### Human: Hi### Assistant:")
+    reply = ids(tokenizer, " Hello there, and here is a long answer that goes on for a while." * 3)
+    marker = ids(tokenizer, "### Human:")
+    stop = evaluate._marker_stop(tokenizer, len(prompt))
+    done = [bool(stop(torch.tensor([prompt + reply + marker[:k]]), None)[0]) for k in range(len(marker) + 1)]
+    assert done == [False] * len(marker) + [True]  # stops exactly when the marker is complete
+    assert not bool(stop(torch.tensor([prompt]), None)[0])  # the prompt's own markers do not count

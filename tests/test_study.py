@@ -17,12 +17,15 @@ TINY = dict(seeds=(0,), max_steps=3, batch_size=2, max_length=32, eval_rows=2, e
 # --- the 4-bit layer ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("quant_type", nf4.QUANT_TYPES)
-@pytest.mark.parametrize("shape", [(96, 128), (3, 70)])  # the second has a short last block: reference path
-def test_fast_dequantize_is_bit_exact(quant_type, shape):
-    w = torch.randn(shape) * 0.05
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_frozen_layer_computes_with_the_dequantized_weight(quant_type, double_quant):
+    w = torch.randn(96, 128) * 0.05
     q = nf4.quantize_4bit(w.to(torch.bfloat16), quant_type, 64)
+    layer = study.Frozen4bitLinear(q, double_quant, rounding="nearest")
     for dtype in (torch.bfloat16, torch.float32):
-        assert torch.equal(study.fast_dequantize(q, dtype), nf4.dequantize_4bit(q, dtype))
+        assert torch.equal(layer.dequantized_weight(dtype), nf4.dequantize_4bit(layer.quantized(), dtype))
+    if not double_quant:
+        assert torch.equal(layer.dequantized_weight(), nf4.dequantize_4bit(q, torch.bfloat16))
 
 
 def test_frozen_layer_matches_dense_math_but_saves_no_16bit_weight():
