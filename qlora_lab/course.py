@@ -25,6 +25,7 @@ COURSE_MAP: dict[str, tuple[str, str, float]] = {
     "05_memory_budget": ("Memory budget", "an estimator for full / LoRA / QLoRA by model size, checked against measurement", 1),
     "06_guanaco_oasst1_finetune": ("Guanaco OASST1 fine-tune", "OASST1 trees to Guanaco text, QLoRA with the paper's recipe, evaluate, chat, save, merge", 5),
     "07_qlora_vs_lora_vs_full": ("QLoRA vs LoRA vs full", "the same run in 16-bit full, 16-bit LoRA and QLoRA NF4+DQ / NF4 / FP4 / Int4", 5),
+    "09_your_own_qlora": ("Your own QLoRA", "the recipe in plain transformers + peft + bitsandbytes + TRL on your chat data, equal to qlora_lab.train; merge, chat, serve", 3),
 }
 
 #: Parameters per notebook and profile. Every parameter a notebook takes is listed under both profiles.
@@ -40,6 +41,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "05_memory_budget": {"measure_model": "embedded", "measure_methods": ["full", "lora", "qlora"], "measure_shapes": [[1, 64], [4, 128]]},  # cpu: 05_memory_budget
         "06_guanaco_oasst1_finetune": {"recipe": "cpu", "max_steps": 40, "n_eval_prompts": 22, "max_new_tokens": 384, "repetition_penalty": 1.2},
         "07_qlora_vs_lora_vs_full": {"model_name": None, "data_source": "embedded", "seeds": [0, 1], "max_steps": 10, "batch_size": 4, "max_length": 128, "eval_rows": 22, "lora_lr": 2e-3, "full_lr": 2e-4, "optim": "paged_adamw_32bit"},  # cpu: 07_qlora_vs_lora_vs_full
+        "09_your_own_qlora": {"data_path": "embedded", "model_name": None, "max_steps": 10, "batch_size": 4, "grad_accum": 1, "max_length": 192, "learning_rate": 1e-3, "lora_r": 64, "compute_dtype": "float32", "optim": "adamw_torch", "gradient_checkpointing": False, "eval_size": 4, "max_new_tokens": 48},  # cpu: 09_your_own_qlora
     },
     "gpu": {
         "00_welcome": {"model_name": "huggyllama/llama-7b", "max_new_tokens": 128},
@@ -50,6 +52,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "05_memory_budget": {"measure_model": "llama-7b", "measure_methods": ["lora", "qlora"], "measure_shapes": [[1, 512], [4, 512]]},  # gpu: 05_memory_budget
         "06_guanaco_oasst1_finetune": {"recipe": "guanaco-7b", "max_steps": 1875, "n_eval_prompts": 64, "max_new_tokens": 512, "repetition_penalty": 1.2},
         "07_qlora_vs_lora_vs_full": {"model_name": "HuggingFaceTB/SmolLM2-1.7B", "data_source": "guanaco-hub", "seeds": [0, 1], "max_steps": 300, "batch_size": 16, "max_length": 512, "eval_rows": 518, "lora_lr": 2e-4, "full_lr": 2e-5, "optim": "paged_adamw_32bit"},  # gpu: 07_qlora_vs_lora_vs_full
+        "09_your_own_qlora": {"data_path": "hub", "model_name": "huggyllama/llama-7b", "max_steps": 100, "batch_size": 4, "grad_accum": 4, "max_length": 512, "learning_rate": 2e-4, "lora_r": 64, "compute_dtype": "bfloat16", "optim": "paged_adamw_32bit", "gradient_checkpointing": True, "eval_size": 64, "max_new_tokens": 256},  # gpu: 09_your_own_qlora
     },
 }
 
@@ -217,6 +220,20 @@ def refresh_notebooks(only: str | list[str] | None = None) -> list[Path]:
     return done
 
 
+#: Parameters that may name a local file or folder (a data file, a saved model).
+PATH_PARAMETERS = ("data_path", "model_name")
+
+
+def _absolute_paths(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Make relative local paths absolute: papermill runs each notebook inside notebooks/, not where you typed."""
+    fixed = dict(overrides)
+    for name in PATH_PARAMETERS:
+        value = fixed.get(name)
+        if isinstance(value, str) and not Path(value).is_absolute() and Path(value).exists():
+            fixed[name] = str(Path(value).resolve())
+    return fixed
+
+
 def _split_overrides(selected: list[Path], profile: str, overrides: dict[str, Any]) -> dict[str, dict]:
     """Give each notebook the overrides it takes; an override no selected notebook takes is an error."""
     per_nb: dict[str, dict] = {}
@@ -242,7 +259,7 @@ def run_course(profile: str = "cpu", only: str | list[str] | None = None,
 
     _check_profile(profile)
     selected = _select(only)
-    per_nb = _split_overrides(selected, profile, overrides or {})
+    per_nb = _split_overrides(selected, profile, _absolute_paths(overrides or {}))
     build = Path(out_dir) if out_dir else build_dir()
     course_dir = build / "course"
     course_dir.mkdir(parents=True, exist_ok=True)

@@ -115,3 +115,12 @@ def test_run_course_stops_at_failing_cell(tmp_build, tmp_path, monkeypatch):
     assert "RuntimeError: boom" in runs[0].error and "raise RuntimeError" in runs[0].error
     summary = json.loads((tmp_build / "course" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["not_run"] == ["99_never"]
+
+
+def test_relative_local_paths_become_absolute(tmp_path, monkeypatch):
+    """papermill runs a notebook inside notebooks/, so `-p data_path my.jsonl` must not stay relative."""
+    (tmp_path / "my.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    fixed = course._absolute_paths({"data_path": "my.jsonl", "model_name": "org/hub-model", "max_steps": 3})
+    assert fixed == {"data_path": str(tmp_path / "my.jsonl"), "model_name": "org/hub-model", "max_steps": 3}
+    assert course._absolute_paths({"data_path": "embedded"}) == {"data_path": "embedded"}
