@@ -22,7 +22,6 @@ from typing import Any
 from . import data
 
 ROLES = ("system", "user", "assistant")
-FORMATS = ("messages", "guanaco", "oasst")
 #: The course's example file, written for it (see data/chat_example/CARD.md).
 EXAMPLE = "embedded"
 _MARKER = re.compile(r"### (Human|Assistant):")
@@ -50,14 +49,15 @@ class ChatData:
     def __len__(self) -> int:
         return len(self.conversations)
 
-    def report(self, root: Path | None = None) -> str:
-        """A short account: how many conversations were read, and every line left out with the reason."""
+    def report(self, root: Path | None = None, limit: int = 20) -> str:
+        """A short account: conversations read, and the lines left out with the reason (the first `limit`)."""
         name = _shown(self.path, root)
         turns = [sum(m["role"] == "assistant" for m in c) for c in self.conversations]
         head = (f"{name} ({self.format} format): {len(self)} conversations, "
                 f"{sum(turns)} assistant answers, {len(self.skipped)} left out")
-        rows = [f"  line {e.line}: {e.problem}" for e in self.skipped]
-        return "\n".join([head, *rows])
+        rows = [f"  line {e.line}: {e.problem}" for e in self.skipped[:limit]]
+        more = [f"  ... and {len(self.skipped) - limit} more"] if len(self.skipped) > limit else []
+        return "\n".join([head, *rows, *more])
 
 
 def _shown(path: Path, root: Path | None) -> str:

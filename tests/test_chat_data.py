@@ -127,3 +127,9 @@ def test_guanaco_text_and_oasst_rows_round_trip(tmp_path):
     assert chat_data.load_chat(path).conversations == chat.conversations
     with pytest.raises(ValueError, match="conversation 0 starts with a system message"):
         chat_data.to_oasst_rows([[{"role": "system", "content": "s"}, *GOOD["messages"]]])
+
+
+def test_report_is_short_for_many_bad_lines(tmp_path):
+    path = write(tmp_path, [GOOD] + ["{oops"] * 30)
+    report = chat_data.load_chat(path).report(limit=5)
+    assert report.count("is not valid JSON") == 5 and report.endswith("... and 25 more")
