@@ -39,7 +39,7 @@ def _info() -> int:
     from . import models
 
     print(f"qlora-lab {__import__('qlora_lab').__version__}  python {platform.python_version()}")
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate", "papermill"):
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "trl", "datasets", "accelerate", "papermill"):
         try:
             module = __import__(name)
             print(f"  {name:13s} {module.__version__}")

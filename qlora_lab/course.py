@@ -34,6 +34,7 @@ COURSE_MAP: dict[str, tuple[str, str, float]] = {
     "06_guanaco_oasst1_finetune": ("Guanaco OASST1 fine-tune", "OASST1 trees to Guanaco text, QLoRA with the paper's recipe, evaluate, chat, save, merge", 5),
     "07_qlora_vs_lora_vs_full": ("QLoRA vs LoRA vs full", "the same run in 16-bit full, 16-bit LoRA and QLoRA NF4+DQ / NF4 / FP4 / Int4", 5),
     "08_judging_chatbots": ("Judging chatbots", "the paper's GPT-4 judgments: % of ChatGPT, Elo over 10,000 orders, order bias, Bradley-Terry, rank stability; our models judged", 2),
+    "09_your_own_qlora": ("Your own QLoRA", "the recipe in plain transformers + peft + bitsandbytes + TRL on your chat data, equal to qlora_lab.train; merge, chat, serve", 3),
     "10_beyond_one_gpu": ("Beyond one GPU", "DDP QLoRA on 2 processes (gloo), FSDP + QLoRA config and invariants, the sharded memory budget", 2),
 }
 
@@ -51,6 +52,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "06_guanaco_oasst1_finetune": {"recipe": "cpu", "max_steps": 40, "n_eval_prompts": 22, "max_new_tokens": 384, "repetition_penalty": 1.2},
         "07_qlora_vs_lora_vs_full": {"model_name": None, "data_source": "embedded", "seeds": [0, 1], "max_steps": 10, "batch_size": 4, "max_length": 128, "eval_rows": 22, "lora_lr": 2e-3, "full_lr": 2e-4, "optim": "paged_adamw_32bit"},  # cpu: 07_qlora_vs_lora_vs_full
         "08_judging_chatbots": {"elo_orders": 10_000, "oa_orders": 1000, "n_boot": 1000, "stability_repeats": 30, "model_name": None, "judge_model": None, "train_steps": 2, "n_prompts": 8, "max_new_tokens": 32},  # cpu: 08_judging_chatbots
+        "09_your_own_qlora": {"data_path": "embedded", "model_name": None, "max_steps": 10, "batch_size": 4, "grad_accum": 1, "max_length": 192, "learning_rate": 1e-3, "lora_r": 64, "compute_dtype": "float32", "optim": "adamw_torch", "gradient_checkpointing": False, "eval_size": 4, "max_new_tokens": 48},  # cpu: 09_your_own_qlora
         "10_beyond_one_gpu": {"model_name": None, "num_layers": 4, "steps": 4, "global_batch": 4, "seq_len": 64, "lora_r": 64, "launch_timeout": 300},  # cpu: 10_beyond_one_gpu
     },
     "gpu": {
@@ -63,6 +65,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "06_guanaco_oasst1_finetune": {"recipe": "guanaco-7b", "max_steps": 1875, "n_eval_prompts": 64, "max_new_tokens": 512, "repetition_penalty": 1.2},
         "07_qlora_vs_lora_vs_full": {"model_name": "HuggingFaceTB/SmolLM2-1.7B", "data_source": "guanaco-hub", "seeds": [0, 1], "max_steps": 300, "batch_size": 16, "max_length": 512, "eval_rows": 518, "lora_lr": 2e-4, "full_lr": 2e-5, "optim": "paged_adamw_32bit"},  # gpu: 07_qlora_vs_lora_vs_full
         "08_judging_chatbots": {"elo_orders": 10_000, "oa_orders": 10_000, "n_boot": 10_000, "stability_repeats": 200, "model_name": "HuggingFaceTB/SmolLM2-1.7B-Instruct", "judge_model": "Qwen/Qwen2.5-7B-Instruct", "train_steps": 100, "n_prompts": 22, "max_new_tokens": 256},  # gpu: 08_judging_chatbots
+        "09_your_own_qlora": {"data_path": "hub", "model_name": "huggyllama/llama-7b", "max_steps": 100, "batch_size": 4, "grad_accum": 4, "max_length": 512, "learning_rate": 2e-4, "lora_r": 64, "compute_dtype": "bfloat16", "optim": "paged_adamw_32bit", "gradient_checkpointing": True, "eval_size": 64, "max_new_tokens": 256},  # gpu: 09_your_own_qlora
         "10_beyond_one_gpu": {"model_name": "huggyllama/llama-7b", "num_layers": None, "steps": 10, "global_batch": 8, "seq_len": 512, "lora_r": 64, "launch_timeout": 1800},  # gpu: 10_beyond_one_gpu
     },
 }
@@ -74,7 +77,7 @@ class CourseError(ValueError):
 
 _POSITIVE = ("max_new_tokens", "max_steps", "batch_size", "seq_len", "train_blocks", "eval_blocks", "eval_rows",
              "max_length", "error_params", "short_len", "long_len", "steps", "cuda_short_len", "cuda_long_len",
-             "n_eval_prompts")
+             "n_eval_prompts", "grad_accum", "eval_size", "lora_r")
 _RATES = ("learning_rate", "lora_lr", "full_lr", "repetition_penalty")
 
 
@@ -96,6 +99,11 @@ def _problem(name: str, value: Any, default: Any) -> str | None:
 
         return None if value in SOURCES or Path(str(value)).expanduser().exists() else \
             f"one of {list(SOURCES)} or an existing data file or folder"
+    if name == "data_path":
+        return None if value in ("embedded", "hub") or Path(str(value)).expanduser().is_file() else \
+            "'embedded', 'hub' or an existing chat .jsonl file"
+    if name == "compute_dtype":
+        return None if value in ("bfloat16", "float16", "float32") else "one of ['bfloat16', 'float16', 'float32']"
     if name == "recipe":
         from .train import GUANACO_MODELS
 
@@ -309,6 +317,20 @@ def refresh_notebooks(only: str | list[str] | None = None) -> list[Path]:
     return done
 
 
+#: Parameters that may name a local file or folder (a data file, a saved model).
+PATH_PARAMETERS = ("data_path", "model_name")
+
+
+def _absolute_paths(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Make relative local paths absolute: papermill runs each notebook inside notebooks/, not where you typed."""
+    fixed = dict(overrides)
+    for name in PATH_PARAMETERS:
+        value = fixed.get(name)
+        if isinstance(value, str) and not Path(value).is_absolute() and Path(value).exists():
+            fixed[name] = str(Path(value).resolve())
+    return fixed
+
+
 def _split_overrides(selected: list[Path], profile: str, overrides: dict[str, Any]) -> dict[str, dict]:
     """Give each notebook the overrides it takes; an override no selected notebook takes is an error."""
     per_nb: dict[str, dict] = {}
@@ -380,7 +402,7 @@ def run_course(profile: str = "cpu", only: str | list[str] | None = None,
         raise CourseError(f"--smoke runs the gpu profile's code path on stand-ins; it needs --profile gpu, "
                           f"not {profile!r} (the cpu profile already runs offline for real).")
     selected = _select(only)
-    per_nb = _split_overrides(selected, profile, overrides or {})
+    per_nb = _split_overrides(selected, profile, _absolute_paths(overrides or {}))
     check_profile_values(selected, profile)
     preflight(profile, smoke_run)
     build = Path(out_dir) if out_dir else build_dir()

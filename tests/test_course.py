@@ -160,6 +160,9 @@ def test_a_partial_run_merges_into_the_full_summary_and_says_so(tmp_build, tmp_p
     (["course", "--only", "07", "-p", "optim", "sgd"], "optim='sgd'"),
     (["course", "--only", "06", "-p", "recipe", "guanaco-3b"], "guanaco-7b"),
     (["course", "--only", "01", "-p", "learning_rate", "inf"], "a finite number > 0"),
+    (["course", "--only", "09", "-p", "compute_dtype", "fp8"], "compute_dtype='fp8' for 09_your_own_qlora"),
+    (["course", "--only", "09", "-p", "data_path", "no-such-file.jsonl"], "an existing chat .jsonl file"),
+    (["course", "--only", "09", "-p", "grad_accum", "0"], "grad_accum=0"),
     (["bench", "--size", "0"], "--size '0' is not a whole number >= 1"),
     (["bench", "--blocksize", "100"], "argument --blocksize: invalid choice: 100"),
     (["bench", "--repeats", "x"], "--repeats 'x'"),
@@ -196,3 +199,12 @@ def test_failing_line_is_the_line_that_raised():
           "\x1b[0;32m----> 2\x1b[0m \x1b[43mfail\x1b[49m()\n      3 y = 2\n", "File lib.py:9, in fail()"]
     assert course.failing_line("x = 1\nfail()\ny = 2", tb) == "fail()"
     assert course.failing_line("x = 1\ny = 2", None) == "y = 2"
+
+
+def test_relative_local_paths_become_absolute(tmp_path, monkeypatch):
+    """papermill runs a notebook inside notebooks/, so `-p data_path my.jsonl` must not stay relative."""
+    (tmp_path / "my.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    fixed = course._absolute_paths({"data_path": "my.jsonl", "model_name": "org/hub-model", "max_steps": 3})
+    assert fixed == {"data_path": str(tmp_path / "my.jsonl"), "model_name": "org/hub-model", "max_steps": 3}
+    assert course._absolute_paths({"data_path": "embedded"}) == {"data_path": "embedded"}
