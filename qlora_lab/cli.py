@@ -49,6 +49,12 @@ def _info() -> int:
         print(f"device: cuda ({torch.cuda.get_device_name(0)})")
     else:
         print(f"device: cpu ({torch.get_num_threads()} threads); no CUDA GPU, so the cpu profile applies")
+        from . import bf16_cpu
+
+        fast = bf16_cpu.cpu_has_fast_bf16()
+        how = ("computed in float32 and rounded to bf16 (this CPU has no fast bf16; "
+               f"{bf16_cpu.ENV}=native turns that off)" if bf16_cpu.active() else "computed by torch in bf16")
+        print(f"bf16 matrix products: {how}; fast bf16 on this CPU: {'yes' if fast else 'no'}")
     print(f"cache: {models.cache_dir()}  (set QLORA_LAB_CACHE to move it)")
     try:
         gguf = models.embedded_gguf_path()

@@ -99,9 +99,14 @@ class FinetuneConfig:
 
     @classmethod
     def cpu(cls, **overrides: Any) -> "FinetuneConfig":
-        """The recipe's shape (NF4+DQ, all linear layers, r=64, paged AdamW, constant lr) sized for 2 CPU cores."""
+        """The recipe's shape (NF4+DQ, all linear layers, r=64, paged AdamW, constant lr) sized for 2 CPU cores.
+
+        It computes in float32, as notebook 09 does on a CPU: CPUs without bf16 matrix units compute bf16 several
+        times slower. The base is stored in NF4 either way; only the dtype each weight is dequantized to differs.
+        """
         values = dict(
-            model_name_or_path=None, dataset="embedded", lora_dropout=0.05, learning_rate=1e-3,
+            model_name_or_path=None, dataset="embedded", compute_dtype="float32", lora_dropout=0.05,
+            learning_rate=1e-3,
             per_device_train_batch_size=2, gradient_accumulation_steps=1, per_device_eval_batch_size=8,
             max_steps=40, eval_steps=20, save_steps=20, logging_steps=1, max_length=384, truncation="turns",
             max_eval_samples=None, train_on="assistant", gradient_checkpointing=False,
@@ -426,7 +431,10 @@ def adapter_misfit(base_model, meta: dict[str, Any], shapes: dict[str, tuple[int
     """Why saved LoRA weights cannot sit on this base (rank, missing module, shape), or None if they fit."""
     modules = dict(base_model.named_modules())
     custom_ranks = meta.get("rank_pattern") or {}
-    for key, shape in sorted(shapes.items()):
+    def layer_order(item: tuple[str, Any]) -> list[tuple[int, int, str]]:
+        return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in item[0].split(".")]
+
+    for key, shape in sorted(shapes.items(), key=layer_order):  # layer 2 before layer 10, as a reader counts
         if ".lora_A." not in key:
             continue
         name = key.split(".lora_A.")[0].removeprefix("base_model.model.")

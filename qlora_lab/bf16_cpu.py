@@ -1,0 +1,66 @@
+"""bf16 matrix products on CPUs without bf16 units: multiplied in float32 and rounded once to bf16.
+
+torch computes a bf16 matrix product on such a CPU (AVX2 only) with a generic loop, 10-15x slower than float32.
+bf16 hardware (GPU tensor cores, AVX512-BF16, AMX) multiplies bf16 inputs exactly, accumulates in float32 and
+rounds the result once; so does this, with float32's fast kernels. Only the summation order can differ, which
+moves a result by at most about one bf16 rounding step. Everything else (weights, activations, gradients,
+optimizer state) keeps its dtype, so memory and the course's bf16 story are unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_aten = torch.ops.aten
+#: The matrix products of a transformer's forward and backward (linear layers, LoRA, attention scores).
+PRODUCTS = frozenset({_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default})
+#: Set to "native" to let torch compute bf16 products itself (to time the difference, or on a bf16 CPU).
+ENV = "QLORA_LAB_BF16"
+
+_mode: "Float32Products | None" = None
+
+
+def _all_cpu_bf16(args) -> bool:
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    return bool(tensors) and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+
+
+class Float32Products(TorchDispatchMode):
+    """Route bf16 CPU matrix products through float32 kernels; every other op runs as it is."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in PRODUCTS and _all_cpu_bf16(args):
+            wide = [a.float().contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+            return func(*wide, **kwargs).to(torch.bfloat16)
+        return func(*args, **kwargs)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where torch multiplies bf16 quickly itself (its oneDNN bf16 path: AVX-512 or newer)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - a torch built without oneDNN
+        return False
+
+
+def needed() -> bool:
+    """Use float32 products only where they help: no CUDA, no fast bf16 on this CPU, not switched off."""
+    return os.environ.get(ENV, "") != "native" and not torch.cuda.is_available() and not cpu_has_fast_bf16()
+
+
+def enable() -> bool:
+    """Turn the float32 products on for this thread (once); returns whether they are on."""
+    global _mode
+    if _mode is None and needed():
+        _mode = Float32Products()
+        _mode.__enter__()
+    return _mode is not None
+
+
+def active() -> bool:
+    """Whether bf16 products are being computed in float32 here."""
+    return _mode is not None
