@@ -9,10 +9,11 @@ optimizer state) keeps its dtype, so memory and the course's bf16 story are unch
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 _aten = torch.ops.aten
 #: The matrix products of a transformer's forward and backward (linear layers, LoRA, attention scores).
@@ -28,11 +29,36 @@ def _all_cpu_bf16(args) -> bool:
     return bool(tensors) and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
 
 
+def _python_kernel(func):
+    """The Python body of a custom op whose products we must see (bitsandbytes' 4-bit matmul on such CPUs)."""
+    if func.namespace != "bitsandbytes" or func.__name__ != "gemm_4bit.default":
+        return None
+    try:  # bitsandbytes computes it as dequantize + F.linear; as a custom op, its inner ops would bypass the mode
+        from bitsandbytes.backends.default.ops import _gemm_4bit_default_impl
+    except ImportError:  # pragma: no cover - another bitsandbytes layout
+        return None
+    return _gemm_4bit_default_impl
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear as torch's own decomposition computes it: flatten the leading dimensions, then one product."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.addmm(bias, flat, weight.t()) if bias is not None else torch.mm(flat, weight.t())
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 class Float32Products(TorchDispatchMode):
     """Route bf16 CPU matrix products through float32 kernels; every other op runs as it is."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        kernel = _python_kernel(func) if getattr(func, "namespace", "") == "bitsandbytes" else None
+        if kernel is not None and _all_cpu_bf16(args[:1]):
+            with self:  # run its body with the products in float32, exactly like our own 4-bit layer's
+                return kernel(*args, **kwargs)
+        if func is _aten.linear.default and _all_cpu_bf16(args):  # seen undecomposed inside custom ops
+            with self:  # as torch decomposes it (flatten, then mm / addmm), so both routes give the same bits
+                return _linear(*args, **kwargs)
         if func in PRODUCTS and _all_cpu_bf16(args):
             wide = [a.float().contiguous() if isinstance(a, torch.Tensor) else a for a in args]
             return func(*wide, **kwargs).to(torch.bfloat16)
@@ -64,3 +90,10 @@ def enable() -> bool:
 def active() -> bool:
     """Whether bf16 products are being computed in float32 here."""
     return _mode is not None
+
+
+@contextlib.contextmanager
+def native():
+    """Let torch compute bf16 products itself inside the block (to time or compare the difference)."""
+    with _disable_current_modes():
+        yield

@@ -211,9 +211,9 @@ def quantize_4bit_reference(w: torch.Tensor, quant_type: str = "nf4", blocksize:
 
 
 # ------------------------------------------------------------------------------------------- the fast path
-#: Elements per chunk of the fast quantizer: its temporaries (about 14 bytes per element) stay in a core's L2
-#: cache, and an op on 32,768 elements runs on the calling thread (torch splits only larger ones across cores).
-CHUNK = 1 << 15
+#: Elements per chunk of the fast quantizer: its temporaries (about 14 bytes per element) stay in the CPU's
+#: caches, and each op is long enough that torch's fixed cost per call (microseconds) stays small.
+CHUNK = 1 << 17
 
 
 @lru_cache(maxsize=None)
@@ -237,6 +237,17 @@ def lookup_tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     return lo.to(torch.uint8), threshold
 
 
+@lru_cache(maxsize=None)
+def _code_tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """`lookup_tables` in code indices: the code below each key's threshold, the code above it (None when that
+    is simply the next index, as for the sorted NF4 table), and the threshold."""
+    lo, threshold = lookup_tables(quant_type)
+    _, order = _bounds(quant_type)
+    if order is None:
+        return lo, None, threshold
+    return order[lo.long()], order[(lo.long() + 1).clamp(max=15)], threshold
+
+
 def _block_absmax(blocks: torch.Tensor, out: torch.Tensor) -> None:
     """max |x| per block into `out` (float32). For 16-bit floats on the bit patterns: clearing the sign bit is |x|,
     and non-negative floats order like their bits as integers (NaN stays above Inf), so it is exact, and fast."""
@@ -252,8 +263,7 @@ def _quantize_rows(blocks: torch.Tensor, quant_type: str, absmax: torch.Tensor, 
     Per element: scaled = x * (1/absmax) in float32 as bitsandbytes computes it (no clamp: values just beyond
     +-1 fall in the end codes anyway), key = its top 16 bits, position = lo[key] + (scaled > threshold[key]).
     """
-    lo, threshold = (t.to(blocks.device) for t in lookup_tables(quant_type))
-    order = _bounds(quant_type)[1]
+    base, above_code, threshold = (t if t is None else t.to(blocks.device) for t in _code_tables(quant_type))
     blocksize = blocks.shape[1]
     rows = max(1, CHUNK // blocksize) if blocks.device.type == "cpu" else blocks.shape[0]
     m = min(rows, blocks.shape[0]) * blocksize
@@ -262,20 +272,24 @@ def _quantize_rows(blocks: torch.Tensor, quant_type: str, absmax: torch.Tensor, 
     index = torch.empty(m, dtype=torch.uint8, device=blocks.device)
     above = torch.empty(m, dtype=torch.float32, device=blocks.device)
     over = torch.empty(m, dtype=torch.bool, device=blocks.device)
+    other = None if above_code is None else torch.empty(m, dtype=torch.uint8, device=blocks.device)
+    _block_absmax(blocks, absmax)
+    recip = (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)
     for b in range(0, blocks.shape[0], rows):
-        part, am = blocks[b:b + rows], absmax[b:b + rows]
+        part = blocks[b:b + rows]
         k = part.numel()
         s, kk, ix, th, gt = scaled[:k], key[:k], index[:k], above[:k], over[:k]
-        _block_absmax(part, am)
-        torch.mul(part, (1.0 / am.clamp(min=1e-38)).unsqueeze(1), out=s.view(-1, blocksize))
+        torch.mul(part, recip[b:b + rows], out=s.view(-1, blocksize))
         torch.bitwise_right_shift(s.view(torch.int32), 16, out=kk)
         kk.add_(32768)
-        torch.index_select(lo, 0, kk, out=ix)
+        torch.index_select(base, 0, kk, out=ix)
         torch.index_select(threshold, 0, kk, out=th)
         torch.gt(s, th, out=gt)
-        ix.add_(gt)
-        if order is not None:  # FP4/Int4 tables are not sorted by index
-            ix.copy_(order.to(ix.device)[ix.long()])
+        if above_code is None:  # NF4: the code above is the next index
+            ix.add_(gt)
+        else:  # FP4/Int4 tables are not sorted by index: take the code above from its own table
+            torch.index_select(above_code, 0, kk, out=other[:k])
+            torch.where(gt, other[:k], ix, out=ix)
         start = b * blocksize // 2
         torch.add(ix[1::2], ix[0::2], alpha=16, out=out[start:start + k // 2])  # high nibble first
 
@@ -283,22 +297,26 @@ def _quantize_rows(blocks: torch.Tensor, quant_type: str, absmax: torch.Tensor, 
 def _quantize_full_blocks(blocks: torch.Tensor, quant_type: str, absmax: torch.Tensor, out: torch.Tensor) -> None:
     """Split the blocks into one contiguous part per torch thread, each run by its own Python thread.
 
-    Small single-threaded ops in parallel threads beat many tiny multi-threaded ops: those wait for every core at
-    each op, which costs most when other programs share the machine.
+    Each part's ops run single-threaded, in parallel: that beats splitting every small op across the cores,
+    which makes each op wait for all of them, worst of all when other programs share the machine.
     """
-    workers = torch.get_num_threads() if blocks.device.type == "cpu" else 1
-    per = -(-blocks.shape[0] // workers)
-    if workers < 2 or blocks.numel() < 2 * CHUNK:
+    threads = torch.get_num_threads()
+    if blocks.device.type != "cpu" or threads < 2 or blocks.numel() < 2 * CHUNK:
         _quantize_rows(blocks, quant_type, absmax, out)
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    half = per * blocks.shape[1] // 2  # bytes per part
+    per = -(-blocks.shape[0] // threads)
+    half = per * blocks.shape[1] // 2  # packed bytes per part
     jobs = [(blocks[b:b + per], quant_type, absmax[b:b + per], out[i * half:(i + 1) * half])
             for i, b in enumerate(range(0, blocks.shape[0], per))]
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        for future in [pool.submit(_quantize_rows, *job) for job in jobs]:
-            future.result()
+    torch.set_num_threads(1)  # for the duration: every part's ops stay on its own core
+    try:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            for future in [pool.submit(_quantize_rows, *job) for job in jobs]:
+                future.result()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64) -> Quantized4bit:

@@ -359,9 +359,9 @@ def test_dequantize_refuses_a_state_whose_parts_disagree():
 
 
 def test_fast_quantizer_beats_bitsandbytes_on_a_real_sized_weight():
-    """Interleaved medians on 1024x1024 bf16; `qlora-lab bench` (4096x4096) shows the full ratio. The bound here
-    is loose on purpose: other programs on a shared machine slow both sides, but not by this much."""
+    """Interleaved medians on a LLaMA-7B-sized 4096x4096 bf16 weight, as `qlora-lab bench` runs it. The bound here
+    is below the bench's usual ratio on purpose: other programs on a shared machine slow both sides unevenly."""
     from qlora_lab import bench
 
-    result = bench.compare_quantize(size=1024, repeats=5)
+    result = bench.compare_quantize(size=4096, repeats=3)
     assert result["bytes_equal"] and result["speedup_vs_bnb"] > 3, bench.report(result)
