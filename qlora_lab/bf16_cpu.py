@@ -4,7 +4,8 @@ torch computes a bf16 matrix product on such a CPU (AVX2 only) with a generic lo
 bf16 hardware (GPU tensor cores, AVX512-BF16, AMX) multiplies bf16 inputs exactly, accumulates in float32 and
 rounds the result once; so does this, with float32's fast kernels. Only the summation order can differ, which
 moves a result by at most about one bf16 rounding step. Everything else (weights, activations, gradients,
-optimizer state) keeps its dtype, so memory and the course's bf16 story are unchanged.
+optimizer state) keeps its dtype. The float32 copies live only during one product; where the course measures
+memory (memory.record_allocations) torch computes bf16 itself, so measurements show what bf16 allocates.
 """
 
 from __future__ import annotations

@@ -426,12 +426,18 @@ def _quiet_native_stderr():
 
 @contextlib.contextmanager
 def record_allocations(device: str = "cpu"):
-    """Record every allocation and free of `device`'s allocator: yields a list filled with (ns, address, ±bytes)."""
+    """Record every allocation and free of `device`'s allocator: yields a list filled with (ns, address, ±bytes).
+
+    Inside, torch computes bf16 products itself (bf16_cpu.native): the float32 route's temporary copies would
+    otherwise show up as memory that bf16 hardware never allocates.
+    """
     from torch.profiler import ProfilerActivity, profile
+
+    from . import bf16_cpu
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     events: list[tuple[int, int, int]] = []
-    with _quiet_native_stderr(), profile(activities=activities, profile_memory=True) as prof:
+    with bf16_cpu.native(), _quiet_native_stderr(), profile(activities=activities, profile_memory=True) as prof:
         yield events
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
