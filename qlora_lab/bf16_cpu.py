@@ -11,6 +11,7 @@ memory (memory.record_allocations) torch computes bf16 itself, so measurements s
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import torch
@@ -61,9 +62,82 @@ class Float32Products(TorchDispatchMode):
             with self:  # as torch decomposes it (flatten, then mm / addmm), so both routes give the same bits
                 return _linear(*args, **kwargs)
         if func in PRODUCTS and _all_cpu_bf16(args):
-            wide = [a.float().contiguous() if isinstance(a, torch.Tensor) else a for a in args]
-            return func(*wide, **kwargs).to(torch.bfloat16)
+            wide = [_widen(a) if isinstance(a, torch.Tensor) else a for a in args]
+            out = _wide_empty(_product_shape(func, wide))
+            func.overloadpacket.out(*wide, **kwargs, out=out)
+            return out.to(torch.bfloat16)
         return func(*args, **kwargs)
+
+
+def _product_shape(func, args) -> tuple[int, ...]:
+    """The result shape of mm / addmm (bias first) / bmm / baddbmm (input first)."""
+    a, b = (args[1], args[2]) if func in (_aten.addmm.default, _aten.baddbmm.default) else (args[0], args[1])
+    return (*a.shape[:-1], b.shape[-1])
+
+
+#: While memory is being recorded: the (address, bytes) of every float32 temporary, in the order they are made.
+_temporaries: list[tuple[int, int]] | None = None
+
+
+def _note(t: torch.Tensor) -> None:
+    if _temporaries is not None:
+        _temporaries.append((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+
+
+#: Extra float32 elements in every temporary: a byte count no tensor of the model has, so that the recorded
+#: allocations of the temporaries cannot be mistaken for the model's own (say, a float32 copy of the same shape).
+PAD = 3
+
+
+def _wide_empty(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 buffer of this shape (noted while memory is recorded)."""
+    n = math.prod(shape)
+    buffer = torch.empty(n + PAD, dtype=torch.float32)
+    _note(buffer)
+    return buffer[:n].view(shape)
+
+
+def _widen(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous float32 copy of a bf16 operand."""
+    wide = _wide_empty(tuple(t.shape))
+    wide.copy_(t)
+    return wide
+
+
+@contextlib.contextmanager
+def temporaries_noted():
+    """Note the float32 temporaries made inside (memory.record_allocations leaves them out: bf16 has none)."""
+    global _temporaries
+    outer, _temporaries = _temporaries, []
+    try:
+        yield _temporaries
+    finally:
+        _temporaries = outer if outer is None else outer + _temporaries
+
+
+def without_temporaries(events: list[tuple[int, int, int]], temporaries: list[tuple[int, int]]
+                        ) -> list[tuple[int, int, int]]:
+    """Allocation events (time, address, +-bytes) minus the noted temporaries' allocations and frees.
+
+    The temporaries were made in program order, so they are matched in that order: the next allocation at a
+    noted address and size is the noted one, and the next free of that address is its free.
+    """
+    pending = list(reversed(temporaries))
+    live: dict[int, int] = {}
+    kept = []
+    for event in events:
+        _, address, size = event
+        if size > 0 and pending and pending[-1] == (address, size):
+            pending.pop()
+            live[address] = size
+        elif size < 0 and live.get(address) == -size:
+            del live[address]
+        else:
+            kept.append(event)
+    if pending:
+        raise RuntimeError(f"{len(pending)} float32 temporaries of bf16 products were not found among the recorded "
+                           "allocations; set QLORA_LAB_BF16=native to measure with torch's own bf16 products")
+    return kept
 
 
 def cpu_has_fast_bf16() -> bool:

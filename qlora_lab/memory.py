@@ -428,8 +428,7 @@ def _quiet_native_stderr():
 def record_allocations(device: str = "cpu"):
     """Record every allocation and free of `device`'s allocator: yields a list filled with (ns, address, ±bytes).
 
-    Inside, torch computes bf16 products itself (bf16_cpu.native): the float32 route's temporary copies would
-    otherwise show up as memory that bf16 hardware never allocates.
+    The float32 copies that bf16_cpu makes for a bf16 product are left out: bf16 hardware never allocates them.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -437,7 +436,8 @@ def record_allocations(device: str = "cpu"):
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     events: list[tuple[int, int, int]] = []
-    with bf16_cpu.native(), _quiet_native_stderr(), profile(activities=activities, profile_memory=True) as prof:
+    with bf16_cpu.temporaries_noted() as temporaries, _quiet_native_stderr(), \
+            profile(activities=activities, profile_memory=True) as prof:
         yield events
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
@@ -447,6 +447,7 @@ def record_allocations(device: str = "cpu"):
             events.append((e.start_time_ns, f.ptr, f.alloc_size))
         stack.extend(e.children)
     events.sort()
+    events[:] = bf16_cpu.without_temporaries(events, temporaries)
 
 
 def live_bytes(events: list[tuple[int, int, int]], exclude: set[int] | None = None) -> list[int]:
