@@ -244,6 +244,6 @@ def test_load_adapter_onto_a_base_it_does_not_fit_says_why(trained, tmp_path):
 
     narrow = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=30,
                                           num_attention_heads=4, num_key_value_heads=4, vocab_size=64))
-    with pytest.raises(ValueError, match=r"q_proj is 64 x 64 in the base model, but the adapter was trained "
-                                         r"for 576 x 576"):
+    with pytest.raises(ValueError, match=r"layers\.0\.\w+\.\w+_proj is 64 x \d+ in the base model, but the "
+                                         r"adapter was trained for 576 x \d+"):
         train.load_adapter(narrow, res.adapter_path)
