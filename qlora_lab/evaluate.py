@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
+from . import bf16_cpu
 from .data import GuanacoCollator, to_guanaco_text
 
 #: The system line the QLoRA paper put before Guanaco prompts at inference time.
@@ -31,7 +32,8 @@ def response_perplexity(model, tokenizer, dataset, max_length: int = 512, batch_
     for start in range(0, len(texts), batch_size):
         batch = collator(texts[start:start + batch_size])
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with torch.no_grad(), bf16_cpu.off_for(model):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
         nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
                                                 shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
@@ -123,9 +125,11 @@ def generate_replies(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True).to(device)
             width = batch["input_ids"].shape[1]
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id,
-                                 stopping_criteria=StoppingCriteriaList([_marker_stop(tokenizer, width)]), **kwargs)
+            with bf16_cpu.off_for(model):
+                out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id,
+                                     stopping_criteria=StoppingCriteriaList([_marker_stop(tokenizer, width)]),
+                                     **kwargs)
             replies += [_reply(tokenizer, row[width:].tolist()) for row in out]
     finally:
         tokenizer.padding_side = side

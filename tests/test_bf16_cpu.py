@@ -69,3 +69,19 @@ def test_measured_memory_is_what_bf16_itself_allocates():
         out = a @ b
     allocated = [n for _, _, n in events if n > 0]
     assert allocated == [out.numel() * 2], allocated  # only the bf16 result: no float32 copies inside
+
+
+def test_it_steps_aside_only_for_models_without_bf16(monkeypatch):
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    mode = bf16_cpu.Float32Products()
+    monkeypatch.setattr(bf16_cpu, "_mode", mode)
+    fp32, bf16 = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4).bfloat16()
+    with bf16_cpu.native(), mode:  # the stack holds this mode alone, as after enable()
+        with bf16_cpu.off_for(fp32):
+            assert _get_current_dispatch_mode_stack() == []  # no per-op Python call for a float32 model
+        assert _get_current_dispatch_mode_stack() == [mode]
+        with bf16_cpu.off_for(fp32, bf16):
+            assert _get_current_dispatch_mode_stack() == [mode]  # a bf16 weight keeps the products routed
+        with bf16_cpu.Float32Products() as other, bf16_cpu.off_for(fp32):
+            assert _get_current_dispatch_mode_stack() == [mode, other]  # another mode on top: left as it is
