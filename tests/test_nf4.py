@@ -344,7 +344,7 @@ def test_bench_subcommand(capsys):
     assert "bytes equal: True" in capsys.readouterr().out
 
 
-def test_dequantize_refuses_a_state_whose_parts_disagree():
+def test_dequantize_refuses_a_replaced_blocksize_shape_or_absmax():
     import dataclasses
 
     q = nf4.quantize_4bit(torch.randn(8, 64), "nf4", 64)

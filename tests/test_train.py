@@ -1,7 +1,6 @@
 """qlora_lab.train: the Guanaco preset, config errors, atomic checkpoints, kill-and-resume, adapter save/load."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
