@@ -5,7 +5,7 @@ bf16 hardware (GPU tensor cores, AVX512-BF16, AMX) multiplies bf16 inputs exactl
 rounds the result once; so does this, with float32's fast kernels. Only the summation order can differ, which
 moves a result by at most about one bf16 rounding step. Everything else (weights, activations, gradients,
 optimizer state) keeps its dtype. The float32 copies live only during one product; where the course measures
-memory (memory.record_allocations) torch computes bf16 itself, so measurements show what bf16 allocates.
+memory (measure.record_allocations) torch computes bf16 itself, so measurements show what bf16 allocates.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def _widen(t: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def temporaries_noted():
-    """Note the float32 temporaries made inside (memory.record_allocations leaves them out: bf16 has none)."""
+    """Note the float32 temporaries made inside (measure.record_allocations leaves them out: bf16 has none)."""
     global _temporaries
     outer, _temporaries = _temporaries, []
     try:

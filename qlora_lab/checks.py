@@ -22,3 +22,10 @@ def require_bool(name: str, value: Any, error: type[Exception] = ValueError) -> 
     if not isinstance(value, bool):
         raise error(f"{name}={value!r} is not allowed: True or False (a {type(value).__name__} is not a boolean)")
     return value
+
+
+def require_choice(name: str, value: Any, allowed) -> Any:
+    """Return `value` if it is one of `allowed`, else raise ValueError listing what is."""
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
+    return value

@@ -100,7 +100,7 @@ def fsdp_settings(env: dict[str, str] | None = None) -> dict[str, Any]:
 
 def build_model(args: argparse.Namespace, strategy: str, device: torch.device):
     """This rank's own copy: a 4-bit base (quant storage = compute dtype under FSDP) plus the seeded LoRA init."""
-    from . import memory, models
+    from . import measure, models
 
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     storage = dtype if strategy == "fsdp" else torch.uint8  # FSDP flattens only float tensors of one dtype
@@ -109,7 +109,7 @@ def build_model(args: argparse.Namespace, strategy: str, device: torch.device):
                               compute_dtype=dtype, device_map=device_map, num_hidden_layers=args.layers,
                               quant_storage=storage)
     # Same seed on every rank: the same LoRA A matrices everywhere (B starts at zero), as a 1-process run has.
-    return memory.prepare_for_training(model, args.method, lora_r=args.lora_r, gradient_checkpointing=False,
+    return measure.prepare_for_training(model, args.method, lora_r=args.lora_r, gradient_checkpointing=False,
                                        seed=args.seed)
 
 
@@ -217,7 +217,7 @@ def _steps(net, opt, blocks: torch.Tensor, args: argparse.Namespace, micro: int,
     """The training loop: per step the global mean loss, this rank's seconds and the bytes communicated."""
     import torch.distributed as dist
 
-    from . import memory
+    from . import measure
 
     rank, world = dist.get_rank(), dist.get_world_size()
     losses, times, moved = [], [], []
@@ -231,7 +231,7 @@ def _steps(net, opt, blocks: torch.Tensor, args: argparse.Namespace, micro: int,
                     loss = net(input_ids=chunk, labels=chunk).loss / len(chunks)  # equal tokens per chunk
                     loss.backward()
                 total += loss.detach().float()
-            memory.optimizer_step(opt)
+            measure.optimizer_step(opt)
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -248,7 +248,7 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
     """Train on this rank; rank 0 returns (and writes) the result: losses, step times, bytes, adapter hash."""
     import torch.distributed as dist
 
-    from . import memory
+    from . import measure
 
     device, strategy, rank, world = _start(args)
     micro = args.micro_batch or args.global_batch // world
@@ -263,7 +263,7 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
         raise RuntimeError(f"ranks loaded different base weights (hashes {[h[:8] for h in base_hashes]})")
     comm = {"values": 0, "bytes": 0}
     net, fsdp_used = wrap(model, strategy, device, comm)
-    opt = memory.make_optimizer([p for p in net.parameters() if p.requires_grad], "adamw", args.lr)
+    opt = measure.make_optimizer([p for p in net.parameters() if p.requires_grad], "adamw", args.lr)
     losses, times, moved = _steps(net, opt, blocks, args, micro, strategy, comm, device)
     tensors = trained_tensors(net, strategy)
     hashes, slowest = [None] * world, torch.tensor(times, device=device)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import memory, paging, smoke
+from . import measure, memory, paging, smoke
 
 PRESETS = ("llama-7b", "llama-13b")
 
@@ -31,8 +31,8 @@ def qlora_step_memory(preset: str, seq_len: int, folder: Path) -> dict[str, Any]
     """Peak memory of one QLoRA step (NF4+DQ, r=64 all-linear, checkpointing, paged AdamW) vs the estimate."""
     model = memory.random_llama(preset, folder / preset, quantization="nf4")
     est = memory.estimate_training_memory(model, "qlora", batch_size=1, seq_len=seq_len, optimizer="paged_adamw")
-    trainable = memory.prepare_for_training(model, "qlora", gradient_checkpointing=True)
-    measured = memory.measure_training_memory(trainable, _batch(model.config.vocab_size, seq_len),
+    trainable = measure.prepare_for_training(model, "qlora", gradient_checkpointing=True)
+    measured = measure.measure_training_memory(trainable, _batch(model.config.vocab_size, seq_len),
                                               optimizer="paged_adamw")
     out = {"preset": preset, "seq_len": seq_len, "measured_gb": round(measured.total / 1e9, 3),
            "estimated_gb": round(est.total / 1e9, 3), "ratio_est_over_measured": round(est.total / measured.total, 3),
@@ -46,12 +46,12 @@ def steps_per_second(preset: str, method: str, seq_len: int, steps: int, folder:
     """Training steps per second of QLoRA or 16-bit LoRA on the same shape (after one warm-up step)."""
     model = memory.random_llama(preset, folder / f"{preset}-{method}",
                                 quantization="nf4" if method == "qlora" else None)
-    trainable = memory.prepare_for_training(model, method, gradient_checkpointing=True)
+    trainable = measure.prepare_for_training(model, method, gradient_checkpointing=True)
     device = next(trainable.parameters()).device
     ids = _batch(model.config.vocab_size, seq_len).to(device)
-    opt = memory.make_optimizer([p for p in trainable.parameters() if p.requires_grad], "paged_adamw")
+    opt = measure.make_optimizer([p for p in trainable.parameters() if p.requires_grad], "paged_adamw")
     times = []
-    with memory.quiet_cpu_paging():
+    with measure.quiet_cpu_paging():
         for i in range(steps + 1):
             _sync(device)
             start = time.perf_counter()

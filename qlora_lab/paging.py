@@ -267,7 +267,7 @@ def record_memory_trace(model=None, *, method: str = "full", optimizer: str = "p
                         batch_size: int = 1, texts: list[str] | None = None, tokenizer=None,
                         min_pageable: int | None = None, seed: int = 0) -> MemoryTrace:
     """Run real training steps (short batches, one long one; checkpointing on) and record every allocation."""
-    from . import memory
+    from . import measure, memory
     from .models import load_model, load_tokenizer
 
     if not 0 <= long_step < steps:
@@ -277,13 +277,13 @@ def record_memory_trace(model=None, *, method: str = "full", optimizer: str = "p
     min_pageable = memory.PAGED_MIN_SIZE if min_pageable is None else min_pageable
     torch.manual_seed(seed)
     if model is None:
-        model = memory.prepare_for_training(load_model(quantization="nf4" if method == "qlora" else None), method)
+        model = measure.prepare_for_training(load_model(quantization="nf4" if method == "qlora" else None), method)
     if texts and tokenizer is None:
         tokenizer = load_tokenizer()
     lengths = [long_len if i == long_step else short_len for i in range(steps)]
     batches = _token_chunks(lengths, batch_size, texts, model.config.vocab_size, seed, tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = memory.make_optimizer(params, optimizer)
+    opt = measure.make_optimizer(params, optimizer)
     trace = MemoryTrace([], notes=[
         f"{method} fine-tuning, {optimizer}, gradient checkpointing, batches of {batch_size} x {lengths} tokens"
         + (" from the given texts" if texts else " of random token ids"),
@@ -294,12 +294,12 @@ def record_memory_trace(model=None, *, method: str = "full", optimizer: str = "p
     rec.preexisting(model)
     for step, ids in enumerate(batches):
         start = time.perf_counter()
-        with memory.record_allocations("cpu") as fb:
+        with measure.record_allocations("cpu") as fb:
             model(input_ids=ids, labels=ids).loss.backward()
         rec.add(fb, step, "forward+backward")
         rec.prefetch(step)
-        with memory.record_allocations("cpu") as st:
-            memory.optimizer_step(opt)
+        with measure.record_allocations("cpu") as st:
+            measure.optimizer_step(opt)
             model.zero_grad(set_to_none=True)
         rec.add(st, step, "optimizer", paged=_paged_state(opt, min_pageable), transients=False)
         trace.steps.append({"step": step, "tokens": int(ids.numel()), "seq_len": int(ids.shape[1]),
@@ -383,7 +383,7 @@ class _Recorder:
 
 def _cuda_steps(model, opt, batches, long_step: int) -> list[dict[str, Any]]:
     """Train on the batches until one raises torch.OutOfMemoryError; log free memory and step time."""
-    from . import memory
+    from . import measure
 
     rows = []
     for i, ids in enumerate(batches):
@@ -392,7 +392,7 @@ def _cuda_steps(model, opt, batches, long_step: int) -> list[dict[str, Any]]:
         error = ""
         try:
             model(input_ids=ids, labels=ids).loss.backward()
-            memory.optimizer_step(opt)
+            measure.optimizer_step(opt)
             torch.cuda.synchronize()
         except torch.OutOfMemoryError as err:
             error = str(err).splitlines()[0][:160]
@@ -408,12 +408,12 @@ def _cuda_steps(model, opt, batches, long_step: int) -> list[dict[str, Any]]:
 
 def _cuda_model(seed: int):
     """The embedded model in float32 on the GPU (so torch AdamW and bnb's 32-bit state are the same size)."""
-    from . import memory
+    from . import measure
     from .models import load_model
 
     torch.manual_seed(seed)
     model = load_model(compute_dtype=torch.float32).to("cuda")
-    return memory.prepare_for_training(model, "full")
+    return measure.prepare_for_training(model, "full")
 
 
 def _release() -> None:

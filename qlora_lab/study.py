@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import data, evaluate, memory, models, nf4
+from . import data, evaluate, measure, memory, models, nf4
 from .linear4bit import Frozen4bitLinear, install_4bit, quantize_linears
 
 #: The methods a study can run, in table order.
@@ -199,7 +199,7 @@ def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float):
     """AdamW (beta2 0.999, no weight decay, as qlora.py): torch's, or bitsandbytes' by its transformers name."""
     if name == "adamw_torch":
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
-    return memory.make_optimizer(params, name, lr)
+    return measure.make_optimizer(params, name, lr)
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -256,7 +256,7 @@ def _step(model, params, batch, opt, max_grad_norm: float) -> float:
         loss = model(**batch).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    memory.optimizer_step(opt)  # quiet about paging falling back to ordinary memory on CPU
+    measure.optimizer_step(opt)  # quiet about paging falling back to ordinary memory on CPU
     opt.zero_grad(set_to_none=True)
     return float(loss.detach())
 
@@ -276,15 +276,15 @@ def _measured_step(model, params, batch, opt, cfg: StudyConfig) -> tuple[float, 
         loss = _step(model, params, batch, opt, cfg.max_grad_norm)
         _sync(device)
         return loss, torch.cuda.max_memory_allocated(device) - start, "CUDA allocator peak"
-    with memory.record_allocations("cpu") as events:
+    with measure.record_allocations("cpu") as events:
         loss = _step(model, params, batch, opt, cfg.max_grad_norm)
-    return loss, max(memory.live_bytes(events), default=0), "torch.profiler allocation events"
+    return loss, max(measure.live_bytes(events), default=0), "torch.profiler allocation events"
 
 
 def _resident_bytes(model, opt) -> tuple[int, int, int]:
     """(all resident tensor bytes, weights and buffers, optimizer state) between steps."""
-    weights = memory.tensor_bytes([*model.parameters(), *model.buffers()])  # tied weights count once
-    state = memory.tensor_bytes(memory.optimizer_state_tensors(opt))
+    weights = measure.tensor_bytes([*model.parameters(), *model.buffers()])  # tied weights count once
+    state = measure.tensor_bytes(measure.optimizer_state_tensors(opt))
     return weights + state, weights, state
 
 

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import bf16_cpu, data, memory, models, smoke
+from . import bf16_cpu, data, measure, models, smoke
 from .checks import is_whole
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit", "adamw_bnb_8bit")
@@ -365,7 +365,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, model=None, tokenize
             from transformers.trainer_callback import PrinterCallback
 
             trainer.remove_callback(PrinterCallback)
-        with memory.quiet_cpu_paging(), bf16_cpu.off_for(model):
+        with measure.quiet_cpu_paging(), bf16_cpu.off_for(model):
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         adapter = save_adapter(trainer.model, output_dir / "adapter")
     history = trainer.state.log_history

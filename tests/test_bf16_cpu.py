@@ -62,10 +62,10 @@ def test_switched_off_by_the_environment(monkeypatch):
 
 
 def test_measured_memory_is_what_bf16_itself_allocates():
-    from qlora_lab import memory
+    from qlora_lab import measure
 
     a, b = torch.randn(256, 512).bfloat16(), torch.randn(512, 128).bfloat16()
-    with bf16_cpu.Float32Products(), memory.record_allocations("cpu") as events:
+    with bf16_cpu.Float32Products(), measure.record_allocations("cpu") as events:
         out = a @ b
     allocated = [n for _, _, n in events if n > 0]
     assert allocated == [out.numel() * 2], allocated  # only the bf16 result: no float32 copies inside

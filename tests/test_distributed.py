@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_lab import distributed, memory, models
+from qlora_lab import distributed, measure, memory, models
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS, R = 2, 16
@@ -96,7 +96,7 @@ def test_launch_and_script_reject_bad_values(tmp_path):
 # ------------------------------------------------------------------------------------------ FSDP + QLoRA
 def qlora(storage=torch.bfloat16, lora_dtype=None):
     model = models.load_model(None, quantization="nf4", num_hidden_layers=LAYERS, quant_storage=storage)
-    model = memory.prepare_for_training(model, "qlora", lora_r=8, gradient_checkpointing=False)
+    model = measure.prepare_for_training(model, "qlora", lora_r=8, gradient_checkpointing=False)
     if lora_dtype is not None:
         for p in model.parameters():
             if p.requires_grad:

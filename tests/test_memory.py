@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qlora_lab import memory
+from qlora_lab import measure, memory
 
 # Parameter counts of the released checkpoints (Hugging Face model cards / config.json of each).
 PUBLISHED_PARAMS = {
@@ -102,15 +102,15 @@ def test_nf4_bytes_match_the_paper_and_bitsandbytes():
 def test_optimizer_state_equals_bitsandbytes(optimizer):
     sizes = [300_000, 100, 5_000, 4_095, 4_096, 257]
     params = [torch.nn.Parameter(torch.zeros(n)) for n in sizes]
-    opt = memory.make_optimizer(params, optimizer)
+    opt = measure.make_optimizer(params, optimizer)
     for p in params:
         p.grad = torch.zeros_like(p)
-    memory.optimizer_step(opt)
+    measure.optimizer_step(opt)
     total, pageable = memory.optimizer_state_bytes(sizes, optimizer)
-    assert total == memory.tensor_bytes(memory.optimizer_state_tensors(opt))
-    fresh = memory.make_optimizer(params, optimizer)
-    memory.allocate_optimizer_state(fresh)  # the same allocation without the update
-    assert total == memory.tensor_bytes(memory.optimizer_state_tensors(fresh))
+    assert total == measure.tensor_bytes(measure.optimizer_state_tensors(opt))
+    fresh = measure.make_optimizer(params, optimizer)
+    measure.allocate_optimizer_state(fresh)  # the same allocation without the update
+    assert total == measure.tensor_bytes(measure.optimizer_state_tensors(fresh))
     bits, paged = memory.OPTIMIZERS[optimizer]
     assert pageable == ((8 if bits == 32 else 2) * 300_000 if paged else 0)
 
@@ -159,9 +159,9 @@ def models():
 
 @pytest.mark.parametrize("method", memory.METHODS)
 def test_estimate_within_15_percent_of_measurement(models, method):
-    model = memory.prepare_for_training(models[method], method)
+    model = measure.prepare_for_training(models[method], method)
     ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
-    measured = memory.measure_training_memory(model, ids)
+    measured = measure.measure_training_memory(model, ids)
     est = memory.estimate_training_memory(model, method, batch_size=1, seq_len=64)
     # counted things are exact (measured weights also hold RoPE's two inv_freq buffers: 256 bytes)
     for part in ("weights", "quant_constants", "lora_weights", "gradients", "optimizer_state"):
@@ -173,14 +173,14 @@ def test_estimate_within_15_percent_of_measurement(models, method):
 
 def test_measurement_and_preparation_errors(models):
     with pytest.raises(ValueError, match="no trainable parameters"):
-        memory.measure_training_memory(torch.nn.Linear(2, 2).requires_grad_(False), torch.zeros(1, 2).long())
+        measure.measure_training_memory(torch.nn.Linear(2, 2).requires_grad_(False), torch.zeros(1, 2).long())
     with pytest.raises(ValueError, match="qlora needs"):
-        memory.prepare_for_training(models["full"], "qlora")
+        measure.prepare_for_training(models["full"], "qlora")
     with pytest.raises(ValueError, match="not in the model"):
-        memory.prepare_for_training(models["qlora"], "qlora", lora_targets=["c_attn"])
+        measure.prepare_for_training(models["qlora"], "qlora", lora_targets=["c_attn"])
     lin = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="batch is empty"):
-        memory.measure_training_memory(lin, torch.zeros(1, 0).long())
+        measure.measure_training_memory(lin, torch.zeros(1, 0).long())
 
 
 def test_random_llama_round_trip_matches_its_preset(tmp_path):
@@ -188,7 +188,7 @@ def test_random_llama_round_trip_matches_its_preset(tmp_path):
     model = memory.random_llama(arch, tmp_path / "tiny", quantization="nf4")
     assert getattr(model, "is_loaded_in_4bit", False)
     est = memory.estimate_training_memory(arch, "qlora", lora_r=8)
-    measured = memory.parameter_bytes(model)
+    measured = measure.parameter_bytes(model)
     assert measured["quant_constants"] == est.quant_constants
     assert measured["weights"] == pytest.approx(est.weights, abs=512)  # + RoPE inv_freq buffers
     assert memory.architecture(model).params == arch.params
@@ -200,10 +200,10 @@ def test_block_formula_where_the_loss_head_does_not_dominate(tmp_path, method, d
     """A small vocabulary makes the recomputed block (or all blocks) set the peak, not the loss head."""
     arch = memory.Architecture("small-vocab", 384, 1024, 3, 6, 6, 64, 300)
     model = memory.random_llama(arch, tmp_path / method, quantization="nf4" if method == "qlora" else None)
-    train = memory.prepare_for_training(model, method, lora_r=16, lora_dropout=dropout,
+    train = measure.prepare_for_training(model, method, lora_r=16, lora_dropout=dropout,
                                         gradient_checkpointing=checkpointing)
     ids = torch.randint(0, arch.vocab, (4, 128), generator=torch.Generator().manual_seed(0))
-    measured = memory.measure_training_memory(train, ids)
+    measured = measure.measure_training_memory(train, ids)
     est = memory.estimate_training_memory(arch, method, batch_size=4, seq_len=128, lora_r=16,
                                           lora_dropout=dropout, gradient_checkpointing=checkpointing)
     assert est.activations > 12 * arch.vocab * 512  # the block term, not the head, is the peak here
