@@ -142,7 +142,8 @@ def optimizer_state_tensors(opt) -> list[torch.Tensor]:
 
 
 def prepare_for_training(model, method: str, *, lora_r: int = 64, lora_targets: str | list[str] = "all-linear",
-                         lora_dropout: float = 0.0, gradient_checkpointing: bool = True, seed: int = 0):
+                         lora_dropout: float = 0.0, lora_alpha: float = 16, gradient_checkpointing: bool = True,
+                         seed: int = 0):
     """Make a loaded model trainable as `method` does; LoRA adapters in the compute dtype, as qlora.py casts them."""
     require_choice("method", method, METHODS)
     is_4bit = bool(getattr(model, "is_loaded_in_4bit", False))
@@ -156,25 +157,9 @@ def prepare_for_training(model, method: str, *, lora_r: int = 64, lora_targets: 
             p.requires_grad_(True)
         trainable = model
     else:
-        from peft import LoraConfig, get_peft_model
+        from .models import add_lora_adapters
 
-        wanted = lora_targets
-        if lora_targets != "all-linear":
-            wanted = [lora_targets] if isinstance(lora_targets, str) else list(lora_targets)
-            present = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                              if isinstance(m, torch.nn.Linear)})
-            unknown = [t for t in wanted if t not in present]
-            if unknown or not wanted:
-                raise ValueError(f"lora_targets {unknown or wanted} not in the model; its linear layers are "
-                                 f"{present} (or use 'all-linear')")
-        config = LoraConfig(r=lora_r, lora_alpha=16, lora_dropout=lora_dropout, target_modules=wanted,
-                            task_type="CAUSAL_LM")
-        with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            trainable = get_peft_model(model, config, autocast_adapter_dtype=False)
-        for p in trainable.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(dtype)
+        trainable = add_lora_adapters(model, lora_r, lora_alpha, lora_dropout, lora_targets, adapter_dtype=dtype)
     if gradient_checkpointing:
         model.activation_checkpointing_enable()  # also makes the embeddings' output require grad
     trainable.train()

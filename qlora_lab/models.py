@@ -290,3 +290,34 @@ def _quant_state_bytes(state) -> int:
         n += state.offset.numel() * state.offset.element_size()
         n += state.state2.absmax.numel() * state.state2.absmax.element_size()
     return n
+
+
+def add_lora_adapters(model, r: int, alpha: float, dropout: float, targets: str | list[str] = "all-linear",
+                      adapter_dtype: torch.dtype | None = None):
+    """peft LoRA on the target linear layers (`all-linear`: all but the head): the one wiring every run uses.
+
+    `adapter_dtype` casts the trainable LoRA weights (qlora.py casts them to bf16 when training in bf16); None
+    keeps peft's own choice (float32 adapters on a 16-bit or 4-bit base).
+    """
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    wanted: str | list[str] = targets
+    if targets != "all-linear":
+        wanted = [targets] if isinstance(targets, str) else list(targets)
+        present = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        unknown = [t for t in wanted if t not in present]
+        if unknown or not wanted:
+            raise ValueError(f"lora_targets {unknown or wanted} not in the model; its linear layers are "
+                             f"{present} (or use 'all-linear')")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=wanted, bias="none",
+                        task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=adapter_dtype is None)
+    if adapter_dtype is not None:
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(adapter_dtype)
+    return peft_model

@@ -15,7 +15,6 @@ import random
 import statistics
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -140,20 +139,11 @@ def load_base(model_name: str | None, dtype: torch.dtype, layers: int | None = N
     return model
 
 
-def add_lora(model, cfg: StudyConfig, seed: int):
+def with_lora(model, cfg: StudyConfig, seed: int):
     """peft LoRA on every linear layer but the head (r, alpha, dropout from cfg), adapters in the compute dtype."""
-    from peft import LoraConfig, get_peft_model
-
     torch.manual_seed(seed)  # the seed picks the A matrices
-    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                        target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated is_gradient_checkpointing
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
-    for p in peft_model.parameters():  # qlora.py casts the LoRA modules to bf16 when training in bf16
-        if p.requires_grad:
-            p.data = p.data.to(cfg.dtype)
-    return peft_model
+    return models.add_lora_adapters(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, "all-linear",
+                                    adapter_dtype=cfg.dtype)
 
 
 class QuantCache(dict):
@@ -182,7 +172,7 @@ def build_model(method: str, cfg: StudyConfig, seed: int, cache: QuantCache | No
     if method in QUANT:
         model = build_with_base(model, method, cfg, seed, cache if cache is not None else QuantCache())
     else:
-        model = add_lora(model, cfg, seed)
+        model = with_lora(model, cfg, seed)
     model.train()
     return model
 
@@ -539,7 +529,7 @@ def fair_check(cfg: StudyConfig | None = None, seed: int = 0, rows: int = 4,
     cache = cache if cache is not None else QuantCache()
     ours = build_with_base(load_base(cfg.model_name, cfg.dtype, layers), "qlora_nf4_dq", cfg, seed, cache)
     _randomize_lora_b(ours, seed)  # B = 0 would leave the adapters out of the loss (and A without gradient)
-    theirs = add_lora(load_base(cfg.model_name, cfg.dtype, layers, quantization="nf4"), cfg, seed)
+    theirs = with_lora(load_base(cfg.model_name, cfg.dtype, layers, quantization="nf4"), cfg, seed)
     lora_state = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
     missing = theirs.load_state_dict(lora_state, strict=False)
     if missing.unexpected_keys:
@@ -569,4 +559,4 @@ def build_with_base(base, method: str, cfg: StudyConfig, seed: int, cache: Quant
     """A 4-bit method built on an already loaded 16-bit base (the fair check cuts the model short)."""
     quant_type, double_quant = QUANT[method]
     install_4bit(base, cache.get_for(base, quant_type, cfg.blocksize), double_quant, cfg.dtype)
-    return add_lora(base, cfg, seed)
+    return with_lora(base, cfg, seed)

@@ -188,7 +188,7 @@ def load_base(config: FinetuneConfig):
 
 def add_adapters(model, config: FinetuneConfig):
     """prepare_model_for_kbit_training (quantized only) and peft LoRA on the configured modules."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     if config.bits < 16:
         # Casts norms/embeddings to fp32 and enables input grads, which gradient checkpointing needs when
@@ -197,9 +197,8 @@ def add_adapters(model, config: FinetuneConfig):
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.lora_modules, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    return models.add_lora_adapters(model, config.lora_r, config.lora_alpha, config.lora_dropout,
+                                    config.lora_modules)
 
 
 #: Fields that may change between a run and its resumption: they do not change what the steps compute.
