@@ -396,7 +396,7 @@ def launch(script_args: list[str], nproc: int = 2, *, launcher: str = "torchrun"
     reader.start()
     _wait(proc, lines, time.monotonic() + timeout, progress)
     if proc.poll() is None:
-        os.killpg(proc.pid, 9)  # the launcher and every rank: they share the session started above
+        _stop_tree(proc.pid)
         proc.wait()
         reader.join(timeout=5)
         raise LaunchError(f"no result after {timeout:.0f} s: stopped all ranks. Last output:\n"
@@ -408,6 +408,21 @@ def launch(script_args: list[str], nproc: int = 2, *, launcher: str = "torchrun"
                           + ("; ".join(dict.fromkeys(errors)) or "no error line found") + "\nLast output:\n"
                           + "".join(lines[-12:]))
     return json.loads(out.read_text())
+
+
+def _stop_tree(pid: int) -> None:
+    """Kill the launcher and every rank: torchrun starts each rank in a session of its own, so killpg misses them."""
+    try:
+        import psutil  # installed with accelerate, which transformers' Trainer needs
+
+        ranks = psutil.Process(pid).children(recursive=True)
+    except Exception:  # no psutil, or the launcher is already gone: its session is all we can reach
+        ranks = []
+    for rank in ranks:
+        with contextlib.suppress(Exception):
+            rank.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, 9)
 
 
 def _wait(proc: subprocess.Popen, lines: list[str], deadline: float, progress: bool) -> None:

@@ -79,6 +79,12 @@ def test_timeout_stops_every_rank(tmp_path):
     with pytest.raises(distributed.LaunchError, match="no result after 2 s"):
         distributed.launch([*ARGS, "--out", str(tmp_path / "x.json")], timeout=2)
     assert time.perf_counter() - start < 10
+    import psutil
+
+    time.sleep(0.5)
+    left = [p.pid for p in psutil.process_iter(["cmdline", "status"])
+            if str(tmp_path) in " ".join(p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE]
+    assert left == [], f"ranks {left} outlived the timeout"
 
 
 def test_launch_and_script_reject_bad_values(tmp_path):
