@@ -29,16 +29,16 @@ def response_perplexity(model, tokenizer, dataset, max_length: int = 512, batch_
     model.eval()
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    for start in range(0, len(texts), batch_size):
-        batch = collator(texts[start:start + batch_size])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.no_grad(), bf16_cpu.off_for(model):
+    with torch.no_grad(), bf16_cpu.off_for(model):
+        for start in range(0, len(texts), batch_size):
+            batch = collator(texts[start:start + batch_size])
+            batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
-                                                shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
-        total += nll.item()
-        count += int((shift_labels != -100).sum())
+            shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+            nll = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                                                    shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+            total += nll.item()
+            count += int((shift_labels != -100).sum())
     model.train(was_training)
     return math.exp(total / count)
 
@@ -122,15 +122,16 @@ def generate_replies(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
     try:
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True).to(device)
-            width = batch["input_ids"].shape[1]
-            with bf16_cpu.off_for(model):
+        with bf16_cpu.off_for(model):
+            for start in range(0, len(prompts), batch_size):
+                batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt",
+                                  padding=True).to(device)
+                width = batch["input_ids"].shape[1]
                 out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                      eos_token_id=tokenizer.eos_token_id,
                                      stopping_criteria=StoppingCriteriaList([_marker_stop(tokenizer, width)]),
                                      **kwargs)
-            replies += [_reply(tokenizer, row[width:].tolist()) for row in out]
+                replies += [_reply(tokenizer, row[width:].tolist()) for row in out]
     finally:
         tokenizer.padding_side = side
     return replies

@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -299,8 +300,6 @@ def add_lora_adapters(model, r: int, alpha: float, dropout: float, targets: str 
     `adapter_dtype` casts the trainable LoRA weights (qlora.py casts them to bf16 when training in bf16); None
     keeps peft's own choice (float32 adapters on a 16-bit or 4-bit base).
     """
-    import warnings
-
     from peft import LoraConfig, get_peft_model
 
     wanted: str | list[str] = targets
