@@ -172,16 +172,23 @@ def has_bf16(module: torch.nn.Module) -> bool:
     return any(t.dtype == torch.bfloat16 for t in (*module.parameters(), *module.buffers()))
 
 
+def bf16_autocast_on() -> bool:
+    """Whether CPU autocast is on with bf16: a float32 model then computes its products in bf16."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 @contextlib.contextmanager
-def off_for(*modules: torch.nn.Module):
+def off_for(*modules: torch.nn.Module, bf16_autocast: bool = False):
     """Step aside while models with no bf16 tensors run: the mode's per-op Python call costs 20-30 % there.
 
-    Only when it is the sole mode active (a memory recorder or another mode on the stack keeps it on); inside,
-    any bf16 product would be torch's own, so use it only around models computing in float32.
+    Only when it is the sole mode active (a memory recorder or another mode on the stack keeps it on), and not
+    while bf16 autocast is on or will be turned on inside (`bf16_autocast=True`, e.g. a Trainer with bf16=True):
+    there a float32 model's products are bf16, and torch's own are 3-4x slower on such a CPU.
     """
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-    if _mode is None or _get_current_dispatch_mode_stack() != [_mode] or any(has_bf16(m) for m in modules):
+    if _mode is None or _get_current_dispatch_mode_stack() != [_mode] or bf16_autocast or bf16_autocast_on() \
+            or any(has_bf16(m) for m in modules):
         yield
         return
     with _disable_current_modes():

@@ -364,7 +364,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, model=None, tokenize
             from transformers.trainer_callback import PrinterCallback
 
             trainer.remove_callback(PrinterCallback)
-        with measure.quiet_cpu_paging(), bf16_cpu.off_for(model):
+        with measure.quiet_cpu_paging(), bf16_cpu.off_for(model, bf16_autocast=bool(args.bf16)):
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         adapter = save_adapter(trainer.model, output_dir / "adapter")
     history = trainer.state.log_history

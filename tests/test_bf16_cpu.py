@@ -85,3 +85,7 @@ def test_it_steps_aside_only_for_models_without_bf16(monkeypatch):
             assert _get_current_dispatch_mode_stack() == [mode]  # a bf16 weight keeps the products routed
         with bf16_cpu.Float32Products() as other, bf16_cpu.off_for(fp32):
             assert _get_current_dispatch_mode_stack() == [mode, other]  # another mode on top: left as it is
+        with torch.autocast("cpu", dtype=torch.bfloat16), bf16_cpu.off_for(fp32):
+            assert _get_current_dispatch_mode_stack() == [mode]  # autocast makes a float32 model's products bf16
+        with bf16_cpu.off_for(fp32, bf16_autocast=True):
+            assert _get_current_dispatch_mode_stack() == [mode]  # autocast that will be turned on inside
