@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="versions, device, cache and embedded-model status")
     refresh = sub.add_parser("refresh", help="re-execute committed notebooks in place (maintainers)")
     refresh.add_argument("--only", default=None)
+    refresh.add_argument("--solutions", action="store_true", help="the worked solutions under solutions/ instead")
     bench = sub.add_parser("bench", help="time our quantize_4bit against bitsandbytes' (ratio, side by side)")
     bench.add_argument("--size", type=_whole_number("--size"), default=4096, help="square weight size (default 4096)")
     bench.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return _bench.main(args.size, args.dtype, args.quant_type, args.blocksize, args.repeats)
         if args.command == "refresh":
-            course.refresh_notebooks(args.only)
+            course.refresh_notebooks(args.only, solution_notebooks=args.solutions)
             return 0
         overrides = {name: course.parse_value(value) for name, value in args.parameter}
         runs = course.run_course(args.profile, args.only, overrides, out_dir=args.out, smoke_run=args.smoke)

@@ -147,6 +147,11 @@ def notebooks() -> list[Path]:
     return sorted(p for p in found if p.stem.count(".") == 0)
 
 
+def solutions() -> list[Path]:
+    """Worked solutions of the notebooks' exercises (solutions/NN_name.ipynb, one per notebook)."""
+    return sorted((repo_root() / "solutions").glob("[0-9][0-9]_*.ipynb"))
+
+
 def _check_profile(profile: str) -> None:
     if profile not in PROFILES:
         raise CourseError(f"Unknown profile {profile!r}; choose one of {sorted(PROFILES)}.")
@@ -294,12 +299,18 @@ def execute_notebook(path: Path, output: Path, parameters: dict[str, Any] | None
     )
 
 
-def refresh_notebooks(only: str | list[str] | None = None) -> list[Path]:
-    """Re-execute committed notebooks in place on the cpu profile and clean them (for maintainers)."""
+def refresh_notebooks(only: str | list[str] | None = None, solution_notebooks: bool = False) -> list[Path]:
+    """Re-execute committed notebooks (or their solutions) in place on the cpu profile and clean them."""
     import nbformat
 
     done = []
-    for path in _select(only):
+    paths = _select(only)
+    if solution_notebooks:
+        numbers = {p.name[:2] for p in paths}
+        paths = [p for p in solutions() if p.name[:2] in numbers]
+        if not paths:
+            raise CourseError(f"no solution notebook under solutions/ for --only {only!r}")
+    for path in paths:
         tmp = build_dir() / "refresh" / path.name  # outside notebooks/, so nothing half-run is picked up
         tmp.parent.mkdir(parents=True, exist_ok=True)
         print(f"refreshing {path.name} ...", flush=True)

@@ -32,3 +32,36 @@ def test_notebook_is_clean(path):
     assert first["cell_type"] == "markdown" and "minute" in "".join(first["source"]).lower()
     last = "".join(nb["cells"][-1]["source"]).lower()
     assert "exercise" in last, "notebooks end with a summary and exercises"
+
+
+SOLUTIONS = course.solutions()
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_solution_notebook_is_clean_and_checks_its_answers(path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    assert set(nb["metadata"]) <= {"kernelspec", "language_info"}, nb["metadata"].keys()
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    counts = [c["execution_count"] for c in code if c["execution_count"] is not None]
+    assert counts == list(range(1, len(code) + 1)), "every cell executed, counts in order"
+    for i, cell in enumerate(nb["cells"]):
+        assert set(cell["metadata"]) <= {"tags"}, f"cell {i} metadata {cell['metadata']}"
+        for out in cell.get("outputs", []):
+            assert out["output_type"] != "error", f"cell {i} has an error output"
+            assert not MACHINE_PATH.search(json.dumps(out)), f"cell {i} output shows a machine path"
+    first = "".join(nb["cells"][0]["source"])
+    notebook = next(p for p in NOTEBOOKS if p.name[:2] == path.name[:2])
+    assert f"../notebooks/{notebook.name}" in first, "a solution links the notebook it solves"
+    assert "cost" in first.lower(), "a solution says what it costs to run"
+    assert "assert " in "".join("".join(c["source"]) for c in code), "answers are checked by code, not only told"
+
+
+def test_every_notebook_with_exercises_has_worked_solutions():
+    with_exercises = [p for p in NOTEBOOKS
+                      if "exercise" in "".join(json.loads(p.read_text(encoding="utf-8"))["cells"][-1]["source"]).lower()]
+    solved = {p.name[:2] for p in SOLUTIONS}
+    missing = [p.name for p in with_exercises if p.name[:2] not in solved]
+    assert not missing, f"no solutions/NN_*.ipynb for {missing}"
+    for p in with_exercises:
+        text = "".join(json.loads(p.read_text(encoding="utf-8"))["cells"][-1]["source"])
+        assert "Predict first" in text, f"{p.name}: one exercise is a prediction ('*Predict first:*')"
