@@ -70,3 +70,31 @@ def test_every_notebook_with_exercises_has_worked_solutions():
     for p in (p for p in with_exercises if p.name[:2] in solved):
         text = "".join(json.loads(p.read_text(encoding="utf-8"))["cells"][-1]["source"])
         assert "Predict first" in text, f"{p.name}: one exercise is a prediction ('*Predict first:*')"
+
+
+#: Material a learner cannot open, or internal targets: never named in what a learner reads.
+INTERNAL = re.compile(r"seed document|our seed\b|the seed['’]s|\(seed\)|\bFACTS\b|FACTS\.md|the issue\b|"
+                      r"promised by|target >=|the 1\.5x target", re.IGNORECASE)
+
+
+def _learner_texts():
+    from qlora_lab.paths import repo_root
+
+    root = repo_root()
+    for path in [*NOTEBOOKS, *SOLUTIONS]:
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        for i, cell in enumerate(nb["cells"]):
+            text = "".join(cell["source"]) if cell["cell_type"] == "markdown" else json.dumps(cell.get("outputs", []))
+            yield f"{path.name} cell {i}", text
+    for path in [*root.glob("README*.md"), *(root / "docs").glob("*.md")]:
+        yield path.name, path.read_text(encoding="utf-8")
+
+
+def test_nothing_a_learner_reads_points_at_internal_material():
+    found = [(where, m.group(0)) for where, text in _learner_texts() for m in INTERNAL.finditer(text)]
+    assert not found, f"internal references a learner cannot follow: {found[:10]}"
+
+
+def test_the_internal_reference_check_catches_one():
+    assert INTERNAL.search("as the seed document says") and INTERNAL.search("see FACTS §6")
+    assert not INTERNAL.search("two random seeds, seed 0 and 1")
