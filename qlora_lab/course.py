@@ -174,7 +174,7 @@ def settings(notebook: str, profile: str = "cpu", **given: Any) -> SimpleNamespa
             check_parameter(notebook, name, value, profile)
     if smoke.active():
         print(smoke.banner(notebook))
-        values = smoke.shrink(values)
+        values = smoke.shrink(values, notebook)
     return SimpleNamespace(profile=profile, **values)
 
 

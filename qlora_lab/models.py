@@ -118,6 +118,11 @@ def _resolve(name: str | os.PathLike | None) -> str:
     return str(Path(text).expanduser()) if _looks_local(text) else text
 
 
+def resolve(name: str | os.PathLike | None) -> str:
+    """What to hand `from_pretrained` for `name`: the embedded folder for None, a stand-in in a smoke run."""
+    return _resolve(name)
+
+
 def _check_layers(resolved: str, num_hidden_layers: int | None) -> None:
     """Refuse a layer cut the model cannot give (before any weight is read)."""
     if num_hidden_layers is None:

@@ -1,7 +1,7 @@
 """Smoke runs of the gpu profile offline: tiny local stand-ins for its hub model and data, the code path unchanged.
 
 `qlora-lab course --profile gpu --smoke` runs every notebook's gpu path on a CPU without internet: a hub model
-name resolves to a randomly initialised Llama with LLaMA-7B's layer count and module names (tiny width), the hub
+name resolves to a randomly initialised Llama with LLaMA-7B's module names (4 layers, tiny width), the hub
 data sets to the course's own OASST1-format data, and step counts and batch shapes shrink. Everything else (the
 recipe values, the data pipeline, save/merge/resume) runs as the gpu profile would run it. Nothing it prints is
 a result: it only proves that the gpu path executes.
@@ -16,15 +16,18 @@ from typing import Any
 ENV = "QLORA_LAB_SMOKE"  # the stand-ins' folder; set by the course runner for a smoke run
 #: Upper limits a smoke run puts on notebook parameters (a value already below its limit is kept). Notebook 04's
 #: trace keeps the cpu profile's 64 / 1024 tokens: shorter, the long step no longer stands out and nothing OOMs.
+#: 256 tokens is the shortest `max_length` that still keeps a dozen of the course's conversations (09 needs them).
 LIMITS: dict[str, Any] = {
-    "max_steps": 2, "max_new_tokens": 8, "n_eval_prompts": 2, "eval_rows": 2, "max_length": 64, "seq_len": 32,
+    "max_steps": 2, "max_new_tokens": 8, "n_eval_prompts": 2, "eval_rows": 2, "eval_size": 2, "max_length": 256, "seq_len": 32,
     "train_blocks": 4, "eval_blocks": 2, "batch_size": 2, "error_params": 200_000, "short_len": 64,
     "long_len": 1024, "cuda_short_len": 16, "cuda_long_len": 64, "steps": 4, "train_steps": 2, "n_prompts": 2,
-    "elo_orders": 100, "oa_orders": 100, "n_boot": 100, "stability_repeats": 3, "global_batch": 4,
+    "ft_layer": 3, "elo_orders": 100, "oa_orders": 100, "n_boot": 100, "stability_repeats": 3, "global_batch": 4,
 }
 LIST_LIMITS: dict[str, Any] = {"measure_shapes": [[1, 32]], "seeds": [0]}
-#: The stand-in's shape: LLaMA-7B's 32 layers and module names, a width small enough for a CPU.
-STANDIN = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=32, num_attention_heads=4,
+#: Where a notebook needs more than a limit: 07 times its steps after 1 warm-up and 1 memory step.
+NOTEBOOK_LIMITS: dict[str, dict[str, Any]] = {"07_qlora_vs_lora_vs_full": {"max_steps": 3}}
+#: The stand-in's shape: LLaMA-7B's module names, 4 of its layers, a width small enough for a CPU.
+STANDIN = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False)
 
 
@@ -40,10 +43,10 @@ def banner(notebook: str) -> str:
             "the course's own data, with step counts cut to a few. It proves the code runs; its numbers mean nothing.")
 
 
-def shrink(values: dict[str, Any]) -> dict[str, Any]:
+def shrink(values: dict[str, Any], notebook: str | None = None) -> dict[str, Any]:
     """A notebook's parameters with sizes cut to the smoke limits (names that carry no size are kept)."""
     out = dict(values)
-    for name, limit in LIMITS.items():
+    for name, limit in {**LIMITS, **NOTEBOOK_LIMITS.get(notebook or "", {})}.items():
         if isinstance(out.get(name), int) and not isinstance(out[name], bool):
             out[name] = min(out[name], limit)
     for name, small in LIST_LIMITS.items():
