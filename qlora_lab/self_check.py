@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import numpy as np
+
 
 class SelfCheckError(AssertionError):
     """A section's self-check failed; the message lists the failed checks and what to revisit."""
@@ -27,7 +29,7 @@ def self_check(section: str, checks: Mapping[str, object], revisit: str) -> None
         raise ValueError(f"self_check({section!r}) got no checks: pass a dict of description -> condition")
     failed = []
     for description, condition in checks.items():
-        if not isinstance(condition, bool) and type(condition).__name__ not in ("bool_", "bool"):
+        if not isinstance(condition, (bool, np.bool_)):
             raise TypeError(f"self_check({section!r}): check {description!r} is a {type(condition).__name__}, "
                             "not a True/False condition (compare it with something)")
         if not bool(condition):
