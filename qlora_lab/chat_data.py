@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import data
+from . import data, oasst
 
 ROLES = ("system", "user", "assistant")
 #: The course's example file, written for it (see data/chat_example/CARD.md).
@@ -70,7 +70,7 @@ def _shown(path: Path, root: Path | None) -> str:
 
 def example_path() -> Path:
     """data/chat_example/chat.jsonl in the checkout: conversations written for the course."""
-    from .course import repo_root
+    from .paths import repo_root
 
     return repo_root() / "data" / "chat_example" / "chat.jsonl"
 
@@ -191,8 +191,8 @@ def _parse(path: Path, number: int, line: str) -> Any:
 def load_chat(source: str | os.PathLike = EXAMPLE, skip_bad: bool = True) -> ChatData:
     """Read a chat JSONL file ("embedded": the course's example, "hub": OASST1's train split); report bad lines."""
     if str(source) == "hub":
-        rows = data.load_oasst_messages("hub", "train")
-        return _finish(oasst_conversations(data.OASST_HUB, list(enumerate(rows, 1))), skip_bad)
+        rows = oasst.load_oasst_messages("hub", "train")
+        return _finish(oasst_conversations(oasst.OASST_HUB, list(enumerate(rows, 1))), skip_bad)
     path = example_path() if str(source) == EXAMPLE else Path(source).expanduser().resolve()
     lines = _read_lines(path)
     fmt = _format_of(path, lines)
@@ -254,15 +254,15 @@ def oasst_conversations(path: Path | str, numbered: list[tuple[int, dict]],
     line_of: dict[Any, int] = {}
     for number, row in numbered:
         line_of.setdefault(row.get("message_id"), number)
-    trees = data.build_trees([row for _, row in numbered], strict=False)
+    trees = oasst.build_trees([row for _, row in numbered], strict=False)
     skipped = list(skipped or [])
     skipped += [ChatDataError(path, line_of.get(err.message_id), str(err)) for err in trees.errors]
     result = ChatData(Path(path), "oasst", [], [], skipped)
     for tree in trees:
         number = line_of[tree.root.id]
-        best = data.best_path(tree)
-        if tree.state != data.READY:
-            problem = f"tree {tree.tree_id!r} has tree_state {tree.state!r}; only {data.READY!r} trees are used"
+        best = oasst.best_path(tree)
+        if tree.state != oasst.READY:
+            problem = f"tree {tree.tree_id!r} has tree_state {tree.state!r}; only {oasst.READY!r} trees are used"
         elif len(best) < 2:
             problem = f"tree {tree.tree_id!r} has no usable assistant answer"
         else:
@@ -300,7 +300,7 @@ def to_oasst_rows(conversations: list[list[dict[str, str]]], lang: str | None = 
             rows.append({"message_id": mid, "parent_id": parent, "message_tree_id": tree, "text": message["content"],
                          "role": "prompter" if message["role"] == "user" else "assistant", "lang": lang,
                          "rank": 0 if message["role"] == "assistant" else None, "deleted": False,
-                         "review_result": True, "tree_state": data.READY})
+                         "review_result": True, "tree_state": oasst.READY})
             parent = mid
     return rows
 

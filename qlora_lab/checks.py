@@ -5,6 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 
+class ConfigError(ValueError):
+    """A FinetuneConfig value that cannot work; the message names the field, the value and what is allowed."""
+
+
 def is_whole(value: Any, low: int = 1) -> bool:
     """A real int (not a bool, not 2.0) of at least `low`: what counts and sizes must be."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= low

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import course
+from . import course, profiles
 from .nf4 import ALLOWED_BLOCKSIZES
 
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {name: course.parse_value(value) for name, value in args.parameter}
         runs = course.run_course(args.profile, args.only, overrides, out_dir=args.out, smoke_run=args.smoke)
         return 0 if runs and all(r.status == "ok" for r in runs) else 1
-    except (course.CourseError, ValueError, OSError) as err:  # expected input errors: one line, no traceback
+    except (profiles.CourseError, ValueError, OSError) as err:  # expected input errors: one line, no traceback
         print(f"qlora-lab: error: {err}", file=sys.stderr)
         return 2
 

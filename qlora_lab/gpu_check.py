@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import measure, memory, paging, smoke
+from . import measure, memory, paging_trace, smoke
 
 PRESETS = ("llama-7b", "llama-13b")
 
@@ -100,7 +100,7 @@ def run(dry_run: bool, presets: tuple[str, ...] = PRESETS) -> dict[str, Any]:
     speeds = {s["method"]: s["steps_per_second"] for s in result["speed"]}
     result["qlora_over_lora_speed"] = round(speeds["qlora"] / speeds["lora"], 3)
     if cuda:
-        result["paging"] = paging.cuda_paging_demo()
+        result["paging"] = paging_trace.cuda_paging_demo()
     else:
         result["paging"] = "skipped: needs a CUDA GPU (bitsandbytes' paged optimizer pages unified memory)"
     return result

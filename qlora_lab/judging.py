@@ -30,7 +30,7 @@ class JudgmentFormatError(ValueError):
 
 def paper_eval_dir() -> Path:
     """data/paper_eval in the checkout: the paper's GPT-4 judgments (numbers only) and their CARD.md."""
-    from .course import repo_root
+    from .paths import repo_root
 
     return repo_root() / "data" / "paper_eval"
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,20 +15,17 @@ from typing import Any, Sequence
 import torch
 
 from . import bf16_cpu, data, measure, models, smoke
-from .checks import is_whole
+from .checkpoints import (callbacks as checkpoint_callbacks, check_resumable, exclusive,
+                          last_complete_checkpoint, set_aside_unmarked)
+from .checks import ConfigError, is_whole
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit", "adamw_bnb_8bit")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-COMPLETE_MARKER = "CHECKPOINT_COMPLETE"  # written last: a checkpoint without it is a half-written one
 GUANACO_MODELS = {  # LLaMA-1 base checkpoints as the paper used them (a public hub copy)
     "7b": "huggyllama/llama-7b", "13b": "huggyllama/llama-13b",
     "33b": "huggyllama/llama-30b", "65b": "huggyllama/llama-65b",
 }
-
-
-class ConfigError(ValueError):
-    """A FinetuneConfig value that cannot work; the message names the field, the value and what is allowed."""
 
 
 @dataclass
@@ -201,111 +196,6 @@ def add_adapters(model, config: FinetuneConfig):
                                     config.lora_modules)
 
 
-#: Fields that may change between a run and its resumption: they do not change what the steps compute.
-RESUMABLE_CHANGES = ("max_steps", "eval_steps", "save_steps", "logging_steps", "per_device_eval_batch_size",
-                     "max_eval_samples", "output_dir")
-SET_ASIDE_PREFIX = "set-aside-"  # Trainer's rotation globs checkpoint-*, so set-aside folders are left alone
-
-
-def _step(path: Path) -> int | None:
-    tail = path.name.rsplit("-", 1)[-1]
-    return int(tail) if path.name.startswith("checkpoint-") and tail.isdigit() else None
-
-
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest checkpoint whose save finished (it holds our marker); nothing is deleted or moved."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    found = [p for p in root.glob("checkpoint-*") if _step(p) is not None and (p / COMPLETE_MARKER).is_file()]
-    return max(found, key=_step) if found else None
-
-
-def set_aside_unmarked(output_dir: str | os.PathLike) -> list[Path]:
-    """Rename checkpoint folders without our marker (half-written, or not ours) so Trainer never deletes them."""
-    root = Path(output_dir)
-    moved = []
-    for path in sorted(root.glob("checkpoint-*")) if root.is_dir() else []:
-        if _step(path) is None or (path / COMPLETE_MARKER).is_file():
-            continue
-        target = root / f"{SET_ASIDE_PREFIX}{path.name}"
-        n = 1
-        while target.exists():
-            n += 1
-            target = root / f"{SET_ASIDE_PREFIX}{path.name}.{n}"
-        os.rename(path, target)
-        moved.append(target)
-        warnings.warn(f"{path} has no {COMPLETE_MARKER} marker (a save that never finished, or a checkpoint "
-                      f"qlora-lab did not write): it was moved aside to {target.name}, untouched, so that "
-                      "training neither resumes from it nor lets Trainer's checkpoint rotation delete it.",
-                      stacklevel=2)
-    return moved
-
-
-def checkpoint_config(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
-    """The FinetuneConfig a complete checkpoint was written with (None for markers without one)."""
-    marker = json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text() or "{}")
-    return marker.get("config")
-
-
-def config_differences(saved: dict[str, Any], config: FinetuneConfig) -> dict[str, tuple[Any, Any]]:
-    """Fields whose value differs between a checkpoint's config and this one (RESUMABLE_CHANGES excepted)."""
-    now = config.to_dict()
-    return {k: (saved.get(k), now[k]) for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]}
-
-
-def check_resumable(checkpoint: Path, config: FinetuneConfig) -> None:
-    """Refuse to resume a checkpoint written by a different configuration, or one already past max_steps."""
-    fresh = f"To start fresh, choose a new output_dir or move {checkpoint.parent} away."
-    saved = checkpoint_config(checkpoint)
-    if saved is None:
-        raise ConfigError(f"{checkpoint} was written without its configuration (an older qlora-lab), so a "
-                          f"mismatch cannot be ruled out; resuming is refused. {fresh}")
-    differ = config_differences(saved, config)
-    if differ:
-        listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
-        raise ConfigError(f"{checkpoint} was trained with a different configuration ({listed}); resuming "
-                          f"would mix two runs. Use the checkpoint's values to resume it. {fresh}")
-    if _step(checkpoint) > config.max_steps:
-        raise ConfigError(f"{checkpoint} is already past max_steps={config.max_steps}; ask for at least "
-                          f"{_step(checkpoint)} steps to resume it. {fresh}")
-
-
-@contextlib.contextmanager
-def _exclusive(output_dir: Path):
-    """Hold a lock on output_dir for the whole run, so two runs never write (or set aside) each other's files."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no advisory locks, the run goes on unguarded
-        yield
-        return
-    with open(output_dir / ".qlora-lab.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"output_dir {str(output_dir)!r} is in use by another training run; wait for it "
-                              "or choose another output_dir") from None
-        yield
-
-
-def _callbacks(config: FinetuneConfig):
-    from transformers import TrainerCallback
-
-    class MarkComplete(TrainerCallback):
-        """Write the completion marker (with the run's config) after Trainer has written every file."""
-
-        def on_save(self, args, state, control, **kwargs):
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if path.is_dir() and state.is_world_process_zero:
-                tmp = path / (COMPLETE_MARKER + ".tmp")
-                tmp.write_text(json.dumps({"step": state.global_step, "config": config.to_dict()}))
-                os.replace(tmp, path / COMPLETE_MARKER)
-            return control
-
-    return [MarkComplete()]
-
-
 def training_arguments(config: FinetuneConfig):
     """transformers.TrainingArguments for the config (CPU-safe: bf16 autocast only on CUDA)."""
     from transformers import TrainingArguments
@@ -345,7 +235,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, model=None, tokenize
     config.validate()
     set_seed(config.seed)
     output_dir = Path(config.output_dir)
-    with _exclusive(output_dir):
+    with exclusive(output_dir):
         set_aside_unmarked(output_dir)
         resume = last_complete_checkpoint(output_dir)
         if resume is not None:
@@ -359,7 +249,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, model=None, tokenize
         args = training_arguments(config)
         args.disable_tqdm = not progress
         trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                          data_collator=collator, callbacks=[*_callbacks(config), *callbacks])
+                          data_collator=collator, callbacks=[*checkpoint_callbacks(config), *callbacks])
         if not progress:  # without a progress bar Trainer prints every log dict; keep quiet instead
             from transformers.trainer_callback import PrinterCallback
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qlora_lab import chat_data, data
+from qlora_lab import chat_data, data, oasst
 
 GOOD = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
 
@@ -106,11 +106,11 @@ def test_guanaco_text_rows(tmp_path):
 
 
 def test_oasst_rows_use_qlora_lab_data(tmp_path):
-    rows = data.load_oasst_messages("embedded", "validation")
+    rows = oasst.load_oasst_messages("embedded", "validation")
     bad = dict(rows[1], role="robot")  # a bad role spoils its whole tree
     path = write(tmp_path, [rows[0], bad, *rows[2:]])
     chat = chat_data.load_chat(path)
-    expected = [r["text"] for r in data.guanaco_rows(data.build_trees(rows))
+    expected = [r["text"] for r in data.guanaco_rows(oasst.build_trees(rows))
                 if r["message_tree_id"] != bad["message_tree_id"]]
     assert chat.format == "oasst" and len(expected) > 10
     assert [chat_data.to_guanaco_text(c) for c in chat.conversations] == expected

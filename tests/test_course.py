@@ -4,17 +4,17 @@ import json
 
 import pytest
 
-from qlora_lab import cli, course
+from qlora_lab import cli, course, profiles
 
 
 def test_every_notebook_is_on_the_map_and_in_both_profiles():
     stems = [p.stem for p in course.notebooks()]
     assert stems and stems == sorted(stems)
     for stem in stems:
-        assert stem in course.COURSE_MAP
-        for profile in course.PROFILE_NAMES:
-            assert stem in course.PROFILES[profile]
-        assert set(course.PROFILES["cpu"][stem]) == set(course.PROFILES["gpu"][stem]), stem
+        assert stem in profiles.COURSE_MAP
+        for profile in profiles.PROFILE_NAMES:
+            assert stem in profiles.PROFILES[profile]
+        assert set(profiles.PROFILES["cpu"][stem]) == set(profiles.PROFILES["gpu"][stem]), stem
 
 
 def test_parameters_cell_lists_the_profile_parameters():
@@ -26,7 +26,7 @@ def test_parameters_cell_lists_the_profile_parameters():
         assert len(cells) == 1, f"{path.name}: needs exactly one cell tagged 'parameters'"
         names = {line.split("=")[0].strip() for line in cells[0].source.splitlines()
                  if "=" in line and not line.lstrip().startswith("#")}
-        assert names == {"profile", *course.PROFILES["cpu"][path.stem]}, path.name
+        assert names == {"profile", *profiles.PROFILES["cpu"][path.stem]}, path.name
 
 
 def test_papermill_reads_every_parameter(caplog):
@@ -36,32 +36,32 @@ def test_papermill_reads_every_parameter(caplog):
     for path in course.notebooks():
         caplog.clear()
         found = set(papermill.inspect_notebook(str(path)))
-        assert found == {"profile", *course.PROFILES["cpu"][path.stem]}, path.name
+        assert found == {"profile", *profiles.PROFILES["cpu"][path.stem]}, path.name
         assert "Unable to parse" not in caplog.text, path.name
 
 
 def test_settings_fill_from_profile_and_override():
-    cfg = course.settings("00_welcome", "cpu", max_new_tokens=None)
-    assert cfg.max_new_tokens == course.PROFILES["cpu"]["00_welcome"]["max_new_tokens"]
-    assert course.settings("00_welcome", "cpu", max_new_tokens=7).max_new_tokens == 7
+    cfg = profiles.settings("00_welcome", "cpu", max_new_tokens=None)
+    assert cfg.max_new_tokens == profiles.PROFILES["cpu"]["00_welcome"]["max_new_tokens"]
+    assert profiles.settings("00_welcome", "cpu", max_new_tokens=7).max_new_tokens == 7
 
 
 def test_unknown_profile_lists_profiles():
-    with pytest.raises(course.CourseError, match=r"Unknown profile 'tpu'.*\['cpu', 'gpu'\]"):
-        course.settings("00_welcome", "tpu")
-    with pytest.raises(course.CourseError, match="Unknown profile"):
+    with pytest.raises(profiles.CourseError, match=r"Unknown profile 'tpu'.*\['cpu', 'gpu'\]"):
+        profiles.settings("00_welcome", "tpu")
+    with pytest.raises(profiles.CourseError, match="Unknown profile"):
         course.run_course("tpu", only="00")
 
 
 def test_unknown_parameter_lists_parameters(tmp_build):
-    with pytest.raises(course.CourseError, match=r"\['max_stpes'\].*max_new_tokens"):
+    with pytest.raises(profiles.CourseError, match=r"\['max_stpes'\].*max_new_tokens"):
         course.run_course("cpu", only="00", overrides={"max_stpes": 3})
-    with pytest.raises(course.CourseError, match=r"Unknown parameter.*'bogus'"):
-        course.settings("00_welcome", "cpu", bogus=1)
+    with pytest.raises(profiles.CourseError, match=r"Unknown parameter.*'bogus'"):
+        profiles.settings("00_welcome", "cpu", bogus=1)
 
 
 def test_unknown_notebook_lists_numbers(tmp_build):
-    with pytest.raises(course.CourseError, match=r"No notebook '99'.*'00'"):
+    with pytest.raises(profiles.CourseError, match=r"No notebook '99'.*'00'"):
         course.run_course("cpu", only="99")
 
 
@@ -110,8 +110,8 @@ def test_run_course_stops_at_failing_cell(tmp_build, tmp_path, monkeypatch):
     for name in ("98_broken", "99_never"):
         nbformat.write(nb, tmp_path / "notebooks" / f"{name}.ipynb")
     monkeypatch.setattr(course, "repo_root", lambda: tmp_path)
-    monkeypatch.setitem(course.PROFILES["cpu"], "98_broken", {})
-    monkeypatch.setitem(course.PROFILES["cpu"], "99_never", {})
+    monkeypatch.setitem(profiles.PROFILES["cpu"], "98_broken", {})
+    monkeypatch.setitem(profiles.PROFILES["cpu"], "99_never", {})
     runs = course.run_course("cpu", progress=False)
     assert len(runs) == 1 and runs[0].status == "failed"
     assert runs[0].failed_cell == 4  # parameters, injected parameters, x = 1, then the raise
@@ -133,7 +133,7 @@ def _tiny_course(tmp_path, monkeypatch, names=("97_one", "98_two")):
         nb.cells = [nbformat.v4.new_code_cell('profile = "cpu"', metadata={"tags": ["parameters"]}),
                     nbformat.v4.new_code_cell(f"from qlora_lab import course\ncourse.save_results({name!r}, {{'n': 1}})")]
         nbformat.write(nb, tmp_path / "notebooks" / f"{name}.ipynb")
-        monkeypatch.setitem(course.PROFILES["cpu"], name, {})
+        monkeypatch.setitem(profiles.PROFILES["cpu"], name, {})
     monkeypatch.setattr(course, "repo_root", lambda: tmp_path)
 
 

@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 import pytest
 import torch
 
-from qlora_lab import data, models
+from qlora_lab import data, models, oasst
 
 STATES = {"ready_for_export", "growing", "aborted_low_grade", "halted_by_moderator"}
 DETOXIFY_KEYS = {"toxicity", "severe_toxicity", "obscene", "identity_attack", "insult", "threat", "sexual_explicit"}
@@ -24,15 +24,15 @@ DETOXIFY_KEYS = {"toxicity", "severe_toxicity", "obscene", "identity_attack", "i
 def shipped():
     """Rows of both shipped splits, read straight from the files (not through the loader)."""
     out = {}
-    for split in data.SPLITS:
-        path = data.embedded_dir() / f"{split}.jsonl"
+    for split in oasst.SPLITS:
+        path = oasst.embedded_dir() / f"{split}.jsonl"
         out[split] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return out
 
 
 @pytest.fixture(scope="module")
 def trees(shipped):
-    return {split: data.build_trees(rows, strict=True) for split, rows in shipped.items()}
+    return {split: oasst.build_trees(rows, strict=True) for split, rows in shipped.items()}
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +72,13 @@ def test_every_row_has_exactly_the_oasst1_fields_with_the_right_types(shipped):
         assert rows, split
         for row in rows:
             mid = row.get("message_id")
-            assert tuple(row) == data.OASST_FIELDS, mid
+            assert tuple(row) == oasst.OASST_FIELDS, mid
             assert is_uuid(row["message_id"]) and is_uuid(row["user_id"]) and is_uuid(row["message_tree_id"]), mid
             assert row["parent_id"] is None or is_uuid(row["parent_id"]), mid
             created = dt.datetime.fromisoformat(row["created_date"])
             assert created.tzinfo is not None and created.utcoffset() == dt.timedelta(0), mid
             assert isinstance(row["text"], str) and row["text"] == row["text"].strip() and row["text"], mid
-            assert row["role"] in data.ROLES and row["lang"] in {"en", "ko", "es", "de", "fr"}, mid
+            assert row["role"] in oasst.ROLES and row["lang"] in {"en", "ko", "es", "de", "fr"}, mid
             assert type(row["review_count"]) is int and 3 <= row["review_count"] <= 5, mid
             assert row["review_result"] in (True, False, None) and type(row["deleted"]) is bool, mid
             assert row["rank"] is None or (type(row["rank"]) is int and row["rank"] >= 0), mid
@@ -135,7 +135,7 @@ def test_split_is_by_tree_and_both_splits_pass_strict_checks(shipped, trees):
     prompts = {split: {" ".join(r["text"].lower().split()) for r in rows if r["parent_id"] is None}
                for split, rows in shipped.items()}
     assert not prompts["train"] & prompts["validation"], "the same question must not open trees in both splits"
-    for split in data.SPLITS:
+    for split in oasst.SPLITS:
         assert not trees[split].skipped
         assert sum(len(t) for t in trees[split]) == len(shipped[split])
 
@@ -150,8 +150,8 @@ def test_the_set_meets_the_issues_counts(shipped, trees):
     for lang in ("ko", "es", "de", "fr"):
         assert langs[lang] >= 8, (lang, langs)
     assert langs["en"] > len(everything) / 2, langs
-    ready = [t for t in everything if t.state == data.READY]
-    multi = sum(sum(m["role"] == "prompter" for m in data.best_path(t)) >= 2 for t in ready)
+    ready = [t for t in everything if t.state == oasst.READY]
+    multi = sum(sum(m["role"] == "prompter" for m in oasst.best_path(t)) >= 2 for t in ready)
     assert multi >= len(ready) / 3, (multi, len(ready))
 
 
@@ -166,10 +166,10 @@ def test_the_dirt_is_present_and_the_loader_removes_it(shipped, tok):
     rows = shipped["train"] + shipped["validation"]
     assert any(r["deleted"] for r in rows)
     assert any(r["review_result"] is False for r in rows)
-    not_ready = {r["message_tree_id"] for r in rows if r["tree_state"] != data.READY}
+    not_ready = {r["message_tree_id"] for r in rows if r["tree_state"] != oasst.READY}
     assert not_ready
     texts, tree_ids = [], set()
-    for split in data.SPLITS:
+    for split in oasst.SPLITS:
         ds = data.load_guanaco("embedded", split)
         texts += ds["text"]
         tree_ids |= set(ds["message_tree_id"])
@@ -186,10 +186,10 @@ def test_the_dirt_is_present_and_the_loader_removes_it(shipped, tok):
 def test_build_trees_links_children_in_file_order():
     rows = good_tree()
     del rows[0]["parent_id"]  # exports may leave out None fields: a missing parent_id is a root
-    built = data.build_trees(rows)
+    built = oasst.build_trees(rows)
     assert len(built) == 1 and not built.skipped and not built.errors
     tree = built[0]
-    assert tree.tree_id == "t1" and tree.state == data.READY and len(tree) == 5
+    assert tree.tree_id == "t1" and tree.state == oasst.READY and len(tree) == 5
     assert [c.id for c in tree.root.children] == ["t1-a0", "t1-a1"]
 
 
@@ -209,8 +209,8 @@ def test_build_trees_links_children_in_file_order():
 ])
 def test_build_trees_strict_names_the_bad_message(case, bad_id, reason):
     rows = broken(case)
-    with pytest.raises(data.OasstFormatError) as info:
-        data.build_trees(rows)
+    with pytest.raises(oasst.OasstFormatError) as info:
+        oasst.build_trees(rows)
     assert info.value.message_id == bad_id and info.value.reason == reason
     assert repr(bad_id) in str(info.value)
     assert isinstance(info.value, ValueError)
@@ -261,18 +261,18 @@ def test_build_trees_lenient_skips_bad_trees_and_counts_why():
                 r["parent_id"] = r["parent_id"].replace("t1-", tree + "-")
         rows += case
     rows += good_tree("dup") + [msg("dup-q", None, "prompter", tree="dup2")]  # one id in two trees: both go
-    built = data.build_trees(rows, strict=False)
+    built = oasst.build_trees(rows, strict=False)
     assert sorted(t.tree_id for t in built) == ["ok1", "ok2"]
     assert built.skipped == Counter({"unknown_parent": 1, "cycle": 1, "empty_text": 2, "roles_alternate": 1,
                                      "duplicate_id": 2})
-    assert len(built.errors) == 7 and all(isinstance(e, data.OasstFormatError) for e in built.errors)
-    with pytest.raises(data.OasstFormatError):
-        data.build_trees(rows, strict=True)
+    assert len(built.errors) == 7 and all(isinstance(e, oasst.OasstFormatError) for e in built.errors)
+    with pytest.raises(oasst.OasstFormatError):
+        oasst.build_trees(rows, strict=True)
 
 
 # ------------------------------------------------------------------------------------------------ best_path
 def path_ids(rows, **kw):
-    return [m["message_id"] for m in data.best_path(data.build_trees(rows)[0], **kw)]
+    return [m["message_id"] for m in oasst.best_path(oasst.build_trees(rows)[0], **kw)]
 
 
 def test_best_path_takes_the_lowest_rank_at_every_level():
@@ -321,7 +321,7 @@ def test_best_path_is_empty_when_nothing_usable():
 
 # ------------------------------------------------------------------------------------------ guanaco format
 def test_to_guanaco_text_is_the_published_format():
-    path = data.best_path(data.build_trees(good_tree())[0])
+    path = oasst.best_path(oasst.build_trees(good_tree())[0])
     assert data.to_guanaco_text(path) == ("### Human: Question?### Assistant: Better answer."
                                           "### Human: Follow-up?### Assistant: Second answer.")
     padded = [dict(path[0], text="  Question?\n"), dict(path[1], text="\nBetter answer.\n\n")]
@@ -460,13 +460,13 @@ def test_paths_in_jsonl_and_parquet_give_the_same_rows(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = data.load_oasst_messages("embedded", "validation")
+    rows = oasst.load_oasst_messages("embedded", "validation")
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "validation.parquet")
     (tmp_path / "v.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert data.load_oasst_messages(tmp_path / "v.jsonl") == rows
+    assert oasst.load_oasst_messages(tmp_path / "v.jsonl") == rows
     with gzip.open(tmp_path / "v.messages.jsonl.gz", "wt", encoding="utf-8") as handle:
         handle.write((tmp_path / "v.jsonl").read_text())
-    assert data.load_oasst_messages(tmp_path / "v.messages.jsonl.gz") == rows
+    assert oasst.load_oasst_messages(tmp_path / "v.messages.jsonl.gz") == rows
     from_parquet = data.load_guanaco(tmp_path, "validation")  # a folder: <split>.parquet
     assert from_parquet["text"] == data.load_guanaco("embedded", "validation")["text"]
 
@@ -478,20 +478,20 @@ def test_hub_sources_fail_offline_with_a_clear_message(source, monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    load = data.load_oasst_messages if source == "hub" else data.load_guanaco
-    with pytest.raises(data.DataNotAvailableError) as info:
+    load = oasst.load_oasst_messages if source == "hub" else data.load_guanaco
+    with pytest.raises(oasst.DataNotAvailableError) as info:
         load(source, "validation")
-    hub_id = data.OASST_HUB if source == "hub" else data.GUANACO_HUB
+    hub_id = oasst.OASST_HUB if source == "hub" else oasst.GUANACO_HUB
     assert hub_id in str(info.value) and "source='embedded'" in str(info.value)
 
 
 def test_bad_source_and_split_are_named():
     with pytest.raises(ValueError, match="'embeded'"):
-        data.load_oasst_messages("embeded")
+        oasst.load_oasst_messages("embeded")
     with pytest.raises(ValueError, match="'test'"):
         data.load_guanaco("embedded", "test")
     with pytest.raises(ValueError, match="load_guanaco"):
-        data.load_oasst_messages("guanaco-hub")
+        oasst.load_oasst_messages("guanaco-hub")
 
 
 # ----------------------------------------------------------------------------------------------- stats

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from qlora_lab import data
+from qlora_lab import data, oasst
 
 GOOD = [
     {"message_id": "q1", "parent_id": None, "text": "What is NF4?", "role": "prompter", "message_tree_id": "q1",
@@ -28,37 +28,37 @@ def test_a_good_file_loads(tmp_path):
 def test_invalid_json_in_jsonl_names_file_and_line(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", GOOD)
     path.write_text(path.read_text() + '{"message_id": "x", oops}\n')
-    with pytest.raises(data.DataFileError, match=rf"{path}: line 3 is not valid JSON"):
-        data.load_oasst_messages(path)
+    with pytest.raises(oasst.DataFileError, match=rf"{path}: line 3 is not valid JSON"):
+        oasst.load_oasst_messages(path)
 
 
 def test_invalid_json_in_json_names_file_and_line(tmp_path):
     path = tmp_path / "t.json"
     path.write_text('[\n{"message_id": "q1"},\n{"message_id": oops}\n]')
-    with pytest.raises(data.DataFileError, match=rf"{path}: line 3 column \d+ is not valid JSON"):
-        data.load_oasst_messages(path)
+    with pytest.raises(oasst.DataFileError, match=rf"{path}: line 3 column \d+ is not valid JSON"):
+        oasst.load_oasst_messages(path)
 
 
 def test_non_utf8_bytes_name_file_and_line(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", GOOD)
     path.write_bytes(path.read_bytes() + b'{"text": "caf\xe9"}\n')
-    with pytest.raises(data.DataFileError, match=rf"{path}: line 3 is not UTF-8"):
-        data.load_oasst_messages(path)
+    with pytest.raises(oasst.DataFileError, match=rf"{path}: line 3 is not UTF-8"):
+        oasst.load_oasst_messages(path)
 
 
 def test_corrupt_gzip_names_the_file(tmp_path):
     path = tmp_path / "t.jsonl.gz"
     blob = gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in GOOD * 50))
     path.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(data.DataFileError, match=rf"{path}: the gzip stream is corrupt or truncated"):
-        data.load_oasst_messages(path)
+    with pytest.raises(oasst.DataFileError, match=rf"{path}: the gzip stream is corrupt or truncated"):
+        oasst.load_oasst_messages(path)
 
 
 def test_corrupt_parquet_names_the_file(tmp_path):
     path = tmp_path / "t.parquet"
     path.write_bytes(b"PAR1 this is not a parquet file")
-    with pytest.raises(data.DataFileError, match=rf"{path}: not a readable parquet file"):
-        data.load_oasst_messages(path)
+    with pytest.raises(oasst.DataFileError, match=rf"{path}: not a readable parquet file"):
+        oasst.load_oasst_messages(path)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -73,19 +73,19 @@ def test_bad_field_types_name_file_line_and_field(tmp_path, field, value, messag
     rows = [dict(r) for r in GOOD]
     rows[1][field] = value
     path = write_jsonl(tmp_path / "t.jsonl", rows)
-    with pytest.raises(data.DataFileError, match=rf"{path}: line 2: {message}"):
-        data.load_oasst_messages(path)
+    with pytest.raises(oasst.DataFileError, match=rf"{path}: line 2: {message}"):
+        oasst.load_oasst_messages(path)
 
 
 def test_a_row_that_is_not_an_object_is_named(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps(GOOD[0]) + "\n[1, 2]\n")
-    with pytest.raises(data.DataFileError, match=rf"{path}: line 2: a row must be a JSON object, not a list"):
-        data.load_oasst_messages(path)
+    with pytest.raises(oasst.DataFileError, match=rf"{path}: line 2: a row must be a JSON object, not a list"):
+        oasst.load_oasst_messages(path)
     listed = tmp_path / "t.json"
     listed.write_text(json.dumps([GOOD[0], "text"]))
-    with pytest.raises(data.DataFileError, match=rf"{listed}: row 1: a row must be a JSON object, not a str"):
-        data.load_oasst_messages(listed)
+    with pytest.raises(oasst.DataFileError, match=rf"{listed}: row 1: a row must be a JSON object, not a str"):
+        oasst.load_oasst_messages(listed)
 
 
 def test_a_file_with_no_usable_rows_is_an_error_that_counts_why(tmp_path):
@@ -93,9 +93,9 @@ def test_a_file_with_no_usable_rows_is_an_error_that_counts_why(tmp_path):
     for r in rows:
         r.pop("tree_state")  # no tree_state: not ready for export
     no_state = write_jsonl(tmp_path / "no_state.jsonl", rows)
-    with pytest.raises(data.DataFileError, match=r"no usable conversation.*tree_state None.*: 1"):
+    with pytest.raises(oasst.DataFileError, match=r"no usable conversation.*tree_state None.*: 1"):
         data.load_guanaco(no_state, "train")
     spam = [dict(r) for r in GOOD]
     spam[1]["review_result"] = False
-    with pytest.raises(data.DataFileError, match=r"no eligible answer on the best path.*: 1"):
+    with pytest.raises(oasst.DataFileError, match=r"no eligible answer on the best path.*: 1"):
         data.load_guanaco(write_jsonl(tmp_path / "spam.jsonl", spam), "train")

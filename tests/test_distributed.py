@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_lab import distributed, measure, memory, models
+from qlora_lab import distributed, launch, measure, memory, models
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS, R = 2, 16
@@ -20,8 +20,8 @@ ARGS = ["--layers", str(LAYERS), "--steps", "2", "--global-batch", "4", "--seq-l
 def runs(tmp_path_factory):
     """The same 2 steps on 2 processes (2 rows each) and on 1 process (the same two 2-row micro-batches)."""
     folder = tmp_path_factory.mktemp("distributed")
-    two = distributed.launch([*ARGS, "--out", str(folder / "two.json")], nproc=2, timeout=240, cpu=True)
-    one = distributed.launch([*ARGS, "--micro-batch", "2", "--out", str(folder / "one.json")], nproc=1,
+    two = launch.launch([*ARGS, "--out", str(folder / "two.json")], nproc=2, timeout=240, cpu=True)
+    one = launch.launch([*ARGS, "--micro-batch", "2", "--out", str(folder / "one.json")], nproc=1,
                              threads=1, timeout=240, cpu=True)
     return folder, two, one
 
@@ -30,10 +30,10 @@ def test_two_processes_train_the_same_adapter_as_one(runs):
     folder, two, one = runs
     assert (two["world_size"], one["world_size"], two["backend"]) == (2, 1, "gloo")
     assert two["ranks_agree"] and one["ranks_agree"]
-    a, b = (distributed.adapter_tensors(folder / f"{n}.json") for n in ("two", "one"))
+    a, b = (launch.adapter_tensors(folder / f"{n}.json") for n in ("two", "one"))
     # Same rows, same LoRA init, gradients averaged over equal-sized halves: bit for bit the same adapter.
     assert two["adapter_sha256"] == one["adapter_sha256"]
-    assert distributed.max_abs_diff(a, b) == 0.0
+    assert launch.max_abs_diff(a, b) == 0.0
     assert two["losses"] == one["losses"]
     trained_b = [t for n, t in a.items() if "lora_B" in n]
     assert trained_b and all(t.abs().max() > 0 for t in trained_b), "LoRA B never left zero: nothing trained"
@@ -64,20 +64,20 @@ def test_a_taken_port_is_refused_before_launch(tmp_path):
         s.listen()
         port = s.getsockname()[1]
         start = time.perf_counter()
-        with pytest.raises(distributed.PortInUseError, match=f"port {port} is already in use"):
-            distributed.launch(["--out", str(tmp_path / "x.json")], port=port)
+        with pytest.raises(launch.PortInUseError, match=f"port {port} is already in use"):
+            launch.launch(["--out", str(tmp_path / "x.json")], port=port)
         assert time.perf_counter() - start < 2
 
 
 def test_a_dead_rank_is_an_error_not_a_hang(tmp_path):
-    with pytest.raises(distributed.LaunchError, match=r"rank 1: stopping on purpose"):
-        distributed.launch([*ARGS, "--fail-rank", "1", "--out", str(tmp_path / "x.json")], timeout=120)
+    with pytest.raises(launch.LaunchError, match=r"rank 1: stopping on purpose"):
+        launch.launch([*ARGS, "--fail-rank", "1", "--out", str(tmp_path / "x.json")], timeout=120)
 
 
 def test_timeout_stops_every_rank(tmp_path):
     start = time.perf_counter()
-    with pytest.raises(distributed.LaunchError, match="no result after 2 s"):
-        distributed.launch([*ARGS, "--out", str(tmp_path / "x.json")], timeout=2)
+    with pytest.raises(launch.LaunchError, match="no result after 2 s"):
+        launch.launch([*ARGS, "--out", str(tmp_path / "x.json")], timeout=2)
     assert time.perf_counter() - start < 10
     import psutil
 
@@ -90,11 +90,11 @@ def test_timeout_stops_every_rank(tmp_path):
 def test_launch_and_script_reject_bad_values(tmp_path):
     out = ["--out", str(tmp_path / "x.json")]
     with pytest.raises(ValueError, match="launcher='mpirun' is not one of"):
-        distributed.launch(out, launcher="mpirun")
+        launch.launch(out, launcher="mpirun")
     with pytest.raises(ValueError, match="nproc=0 must be a positive integer"):
-        distributed.launch(out, nproc=0)
+        launch.launch(out, nproc=0)
     with pytest.raises(ValueError, match="must contain --out"):
-        distributed.launch(["--steps", "1"])
+        launch.launch(["--steps", "1"])
     with pytest.raises(ValueError, match="--steps=0 must be >= 1"):
         distributed.parse_args([*out, "--steps", "0"])
 

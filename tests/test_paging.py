@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from qlora_lab import paging
+from qlora_lab import paging, paging_trace
 from qlora_lab.paging import PAGE_SIZE, Event, MemoryTrace
 
 MiB = 2**20
@@ -99,7 +99,7 @@ def test_errors():
     with pytest.raises(ValueError, match="'move' is not one of"):
         paging.simulate([Event("move", 1, 5)], 10)
     with pytest.raises(ValueError, match="long_step=5"):
-        paging.record_memory_trace(torch.nn.Linear(1, 1), steps=3, long_step=5)
+        paging_trace.record_memory_trace(torch.nn.Linear(1, 1), steps=3, long_step=5)
 
 
 def test_smallest_capacity_brackets_the_oom():
@@ -114,7 +114,7 @@ def test_smallest_capacity_brackets_the_oom():
 
 def test_real_trace_long_batch_spikes_and_paging_survives():
     """Short steps and one long step of the embedded model (LoRA, every adapter state pageable)."""
-    trace = paging.record_memory_trace(method="lora", short_len=16, long_len=256, steps=3, long_step=1,
+    trace = paging_trace.record_memory_trace(method="lora", short_len=16, long_len=256, steps=3, long_step=1,
                                        min_pageable=0)
     demand, pinned = trace.demand(), trace.pinned()
     steps = [e.step for e in trace.events]
@@ -137,7 +137,7 @@ def test_cuda_demo_refuses_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present; the notebook runs the demo")
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
-        paging.cuda_paging_demo()
+        paging_trace.cuda_paging_demo()
 
 
 @pytest.mark.parametrize("resolution", [0, -1, 0.5])

@@ -6,7 +6,7 @@ import re
 import nbformat
 import pytest
 
-from qlora_lab import course, smoke
+from qlora_lab import course, profiles, smoke
 
 
 def notebook_code(path) -> str:
@@ -67,7 +67,7 @@ def test_shrink_caps_sizes_and_keeps_the_rest():
 
 
 def test_smoke_needs_the_gpu_profile(tmp_build):
-    with pytest.raises(course.CourseError, match="needs --profile gpu"):
+    with pytest.raises(profiles.CourseError, match="needs --profile gpu"):
         course.run_course("cpu", only="00", smoke_run=True)
 
 

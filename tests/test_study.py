@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from qlora_lab import memory, study
+from qlora_lab import memory, methods, study
 
 TINY = dict(seeds=(0,), max_steps=3, batch_size=2, max_length=32, eval_rows=2, eval_batch_size=2, lora_r=8,
             num_layers=2)
@@ -17,7 +17,7 @@ TINY = dict(seeds=(0,), max_steps=3, batch_size=2, max_length=32, eval_rows=2, e
 
 def test_nf4_dq_layer_gives_the_bitsandbytes_peft_loss():
     cfg = study.StudyConfig(num_layers=2, max_length=64, lora_r=16)
-    check = study.fair_check(cfg, rows=2)
+    check = methods.fair_check(cfg, rows=2)
     assert check.layers == 14 and check.layers_same_bytes == 14      # 7 linears x 2 blocks, byte-identical
     assert check.loss_diff <= check.tolerance and check.passed
     assert check.max_logit_diff == 0.0 and check.max_grad_rel_diff == 0.0  # CPU: the same ops on the same weights
@@ -30,7 +30,7 @@ def test_nf4_dq_layer_gives_the_bitsandbytes_peft_loss():
 
 @pytest.mark.parametrize("methods", [("lora", "qlora_nf3"), ("QLoRA",), "lora", ()])
 def test_unknown_methods_are_rejected_with_the_allowed_list(methods):
-    with pytest.raises(study.StudyError) as err:
+    with pytest.raises(methods.StudyError) as err:
         study.StudyConfig(methods=methods)
     assert "qlora_nf4_dq" in str(err.value) and "full" in str(err.value)
     if methods and not isinstance(methods, str):
@@ -38,15 +38,15 @@ def test_unknown_methods_are_rejected_with_the_allowed_list(methods):
 
 
 def test_build_model_rejects_unknown_method():
-    with pytest.raises(study.StudyError, match=r"Unknown method\(s\) \['qlora_int3'\]; allowed: \['full'"):
-        study.build_model("qlora_int3", study.StudyConfig(**TINY), seed=0)
+    with pytest.raises(methods.StudyError, match=r"Unknown method\(s\) \['qlora_int3'\]; allowed: \['full'"):
+        methods.build_model("qlora_int3", study.StudyConfig(**TINY), seed=0)
 
 
 @pytest.mark.parametrize("field, value", [("seeds", ()), ("seeds", (0, 0)), ("max_steps", 2), ("optim", "sgd"),
                                           ("lora_lr", float("nan")), ("num_layers", 0), ("compute_dtype", "fp8"),
                                           ("seeds", 3)])
 def test_bad_settings_name_the_value(field, value):
-    with pytest.raises(study.StudyError, match=f"{field}="):
+    with pytest.raises(methods.StudyError, match=f"{field}="):
         study.StudyConfig(**{**TINY, field: value})
 
 
@@ -69,7 +69,7 @@ def test_tiny_study_two_methods_completes(tmp_path):
         assert r.median_step_s > 0 and r.median_step_cpu_s > 0
         assert r.peak_bytes == r.resident_bytes + r.transient_peak_bytes > r.weight_bytes
         assert r.checkpoint_bytes > 2 * r.trainable_params  # the bf16 adapter file plus its header
-    arch = memory.architecture(study.load_base(None, torch.bfloat16, 2).config)
+    arch = memory.architecture(methods.load_base(None, torch.bfloat16, 2).config)
     shapes = arch.linear_shapes().values()
     assert lora.trainable_params == int4.trainable_params == 2 * sum(8 * (i + o) for i, o in shapes)
     assert lora.base_params == int4.base_params == arch.params
@@ -81,5 +81,5 @@ def test_tiny_study_two_methods_completes(tmp_path):
     assert list(table.index) == ["16-bit LoRA", "QLoRA Int4"]
     assert table.loc["16-bit LoRA", ["memory / LoRA", "step / LoRA", "CPU step / LoRA"]].tolist() == [1, 1, 1]
     assert table.loc["QLoRA Int4", "memory / LoRA"] < 1
-    with pytest.raises(study.StudyError, match="reference='full' has no runs"):
+    with pytest.raises(methods.StudyError, match="reference='full' has no runs"):
         study.summary_table(results, reference="full")

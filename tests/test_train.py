@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora_lab import train
+from qlora_lab import checkpoints, train
 
 TINY = dict(max_steps=6, save_steps=2, eval_steps=1000, logging_steps=1, max_length=48,
             per_device_train_batch_size=2, per_device_eval_batch_size=2, lora_r=4, lora_alpha=8,
@@ -72,20 +72,20 @@ def _checkpoint(root: Path, step: int, config=None) -> Path:
     d.mkdir(parents=True)
     (d / "trainer_state.json").write_text("{}")
     if config is not None:
-        (d / train.COMPLETE_MARKER).write_text(json.dumps({"step": step, "config": config.to_dict()}))
+        (d / checkpoints.COMPLETE_MARKER).write_text(json.dumps({"step": step, "config": config.to_dict()}))
     return d
 
 
 def test_unmarked_checkpoints_are_never_deleted_only_set_aside(tmp_path):
     cfg = train.FinetuneConfig.cpu(output_dir=str(tmp_path))
     _checkpoint(tmp_path, 2, cfg), _checkpoint(tmp_path, 4, cfg), _checkpoint(tmp_path, 6)
-    assert train.last_complete_checkpoint(tmp_path).name == "checkpoint-4"
+    assert checkpoints.last_complete_checkpoint(tmp_path).name == "checkpoint-4"
     assert (tmp_path / "checkpoint-6" / "trainer_state.json").is_file()  # looking deletes nothing
     with pytest.warns(UserWarning, match="moved aside to set-aside-checkpoint-6"):
-        moved = train.set_aside_unmarked(tmp_path)
+        moved = checkpoints.set_aside_unmarked(tmp_path)
     assert [p.name for p in moved] == ["set-aside-checkpoint-6"]
     assert (tmp_path / "set-aside-checkpoint-6" / "trainer_state.json").is_file()
-    assert train.last_complete_checkpoint(tmp_path / "none") is None
+    assert checkpoints.last_complete_checkpoint(tmp_path / "none") is None
 
 
 def test_a_changed_config_refuses_to_resume_and_says_what_differs(tmp_path):
@@ -97,12 +97,12 @@ def test_a_changed_config_refuses_to_resume_and_says_what_differs(tmp_path):
         train.finetune(new, progress=False)  # refused before any model is loaded
     with pytest.raises(train.ConfigError, match=r"already past max_steps=2"):
         train.finetune(train.FinetuneConfig.cpu(output_dir=str(tmp_path), max_steps=2), progress=False)
-    train.check_resumable(tmp_path / "checkpoint-5", train.FinetuneConfig.cpu(output_dir="elsewhere", max_steps=9))
+    checkpoints.check_resumable(tmp_path / "checkpoint-5", train.FinetuneConfig.cpu(output_dir="elsewhere", max_steps=9))
 
 
 def test_a_checkpoint_without_its_config_is_not_resumed(tmp_path):
     d = _checkpoint(tmp_path, 2)
-    (d / train.COMPLETE_MARKER).write_text(json.dumps({"step": 2}))  # an older marker
+    (d / checkpoints.COMPLETE_MARKER).write_text(json.dumps({"step": 2}))  # an older marker
     with pytest.raises(train.ConfigError, match="without its configuration"):
         train.finetune(train.FinetuneConfig.cpu(output_dir=str(tmp_path)), progress=False)
 
@@ -219,7 +219,7 @@ def test_a_plain_transformers_checkpoint_survives_a_run(tmp_path):
         res = train.finetune(cfg, progress=False)
     assert res.resumed_from is None  # not resumed from a checkpoint we cannot vouch for
     assert (tmp_path / "set-aside-checkpoint-3" / "model.safetensors").read_bytes() == b"user weights"
-    assert train.checkpoint_config(tmp_path / "checkpoint-2")["lora_r"] == cfg.lora_r
+    assert checkpoints.checkpoint_config(tmp_path / "checkpoint-2")["lora_r"] == cfg.lora_r
 
 
 def test_load_adapter_onto_a_base_it_does_not_fit_says_why(trained, tmp_path):
