@@ -28,13 +28,13 @@ def test_nf4_dq_layer_gives_the_bitsandbytes_peft_loss():
 
 # --- the runner ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("methods", [("lora", "qlora_nf3"), ("QLoRA",), "lora", ()])
-def test_unknown_methods_are_rejected_with_the_allowed_list(methods):
+@pytest.mark.parametrize("given", [("lora", "qlora_nf3"), ("QLoRA",), "lora", ()])
+def test_unknown_methods_are_rejected_with_the_allowed_list(given):
     with pytest.raises(methods.StudyError) as err:
-        study.StudyConfig(methods=methods)
+        study.StudyConfig(methods=given)
     assert "qlora_nf4_dq" in str(err.value) and "full" in str(err.value)
-    if methods and not isinstance(methods, str):
-        assert repr(methods[-1]) in str(err.value)
+    if given and not isinstance(given, str):
+        assert repr(given[-1]) in str(err.value)
 
 
 def test_build_model_rejects_unknown_method():
