@@ -100,11 +100,6 @@ def test_the_internal_reference_check_catches_one():
     assert not INTERNAL.search("two random seeds, seed 0 and 1")
 
 
-#: Notebooks without self-check cells yet. Not done: listed so that the gap is visible, and so that this test fails
-#: once their self-checks land and the entry stays.
-SELF_CHECKS_NOT_YET: set[str] = set()
-
-
 def _self_check_cells(path):
     nb = json.loads(path.read_text(encoding="utf-8"))
     return [c for c in nb["cells"] if c["cell_type"] == "code" and "self_check(" in "".join(c["source"])]
@@ -114,9 +109,6 @@ def _self_check_cells(path):
 def test_sections_end_in_self_checks_that_ran_and_passed(path):
     """Each section's self-check is compared by nbval (so it runs in `make test`) and printed that it passed."""
     cells = _self_check_cells(path)
-    if path.name[:2] in SELF_CHECKS_NOT_YET:
-        assert not cells, f"{path.name} has self-checks now: remove it from SELF_CHECKS_NOT_YET"
-        return
     assert len(cells) >= 2, f"{path.name}: {len(cells)} self-check cells; every computing section ends in one"
     for cell in cells:
         source = "".join(cell["source"])
