@@ -9,8 +9,11 @@ import warnings
 __version__ = "0.1.0"
 
 
-def _quiet_libraries() -> None:
-    """Keep notebook outputs readable: no weight-loading progress bars or optional-kernel notices."""
+def quiet() -> None:
+    """Keep outputs readable: no weight-loading progress bars or optional-kernel notices (call it before the rest).
+
+    Each notebook's setup cell and each command-line entry point calls it; importing the package changes nothing.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # tqdm.auto warns about missing ipywidgets inside Jupyter; the text progress bar it falls back to is fine.
     warnings.filterwarnings("ignore", message="IProgress not found")
@@ -26,8 +29,6 @@ def _quiet_libraries() -> None:
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
 
-
-_quiet_libraries()
 
 # On a CPU without fast bf16 (AVX2 only), bf16 matrix products are multiplied in float32 and rounded once, as bf16
 # hardware does: about 3x faster for the course's bf16 code, same dtypes and memory (see qlora_lab.bf16_cpu).

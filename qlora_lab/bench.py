@@ -14,7 +14,7 @@ import torch
 
 from . import nf4
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_FLAGS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _seconds(fn, *args) -> float:
@@ -28,14 +28,14 @@ def compare_quantize(size: int = 4096, dtype: str = "bf16", quant_type: str = "n
     """Median seconds of each contender, interleaved (rotating who goes first) so machine load hits all alike."""
     import bitsandbytes.functional as bnbf
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}.")
+    if dtype not in DTYPE_FLAGS:
+        raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPE_FLAGS)}.")
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"quant_type={quant_type!r}: bitsandbytes quantizes only 'nf4' and 'fp4'.")
     if repeats < 1 or size < 1:
         raise ValueError(f"repeats={repeats} and size={size} must both be at least 1.")
     torch.manual_seed(seed)
-    w = (torch.randn(size, size) * 0.02).to(DTYPES[dtype])
+    w = (torch.randn(size, size) * 0.02).to(DTYPE_FLAGS[dtype])
 
     contenders = {
         "copy": lambda: w.clone(),

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import data, oasst
 
-ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant")
 #: The course's example file, written for it (see data/chat_example/CARD.md).
 EXAMPLE = "embedded"
 _MARKER = re.compile(r"### (Human|Assistant):")
@@ -86,8 +86,8 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise ValueError(f"message {number} is a {type(message).__name__}, not an object with 'role' and 'content'")
         role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise ValueError(f"message {number} has role {role!r}; allowed roles: {list(ROLES)}")
+        if role not in CHAT_ROLES:
+            raise ValueError(f"message {number} has role {role!r}; allowed roles: {list(CHAT_ROLES)}")
         if not isinstance(content, str):
             raise ValueError(f"message {number} ({role}) has content of type {type(content).__name__}; "
                              "content must be a string (text only)")
@@ -276,7 +276,7 @@ def oasst_conversations(path: Path | str, numbered: list[tuple[int, dict]],
 
 
 # ----------------------------------------------------------------------------------------- bridges
-def to_guanaco_text(messages: list[dict[str, str]]) -> str:
+def messages_to_guanaco_text(messages: list[dict[str, str]]) -> str:
     """The Guanaco text of a conversation, exactly as qlora_lab.data writes it (a system message goes first)."""
     messages = check_messages(messages)
     system = messages[0]["content"] if messages[0]["role"] == "system" else ""

@@ -14,6 +14,13 @@ def is_whole(value: Any, low: int = 1) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
+def is_positive_number(value: Any) -> bool:
+    """A finite int or float above 0 (not a bool, not nan/inf): what rates, scales and penalties must be."""
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def require_whole(name: str, value: Any, low: int = 1, error: type[Exception] = ValueError) -> int:
     """Return `value` if it is a whole number >= low, else raise `error` naming it and what is allowed."""
     if not is_whole(value, low):

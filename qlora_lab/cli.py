@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import course, profiles
+from . import course, profiles, quiet
 from .nf4 import ALLOWED_BLOCKSIZES
 
 
@@ -68,6 +68,7 @@ def _info() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
+    quiet()
     parser = _Parser(prog="qlora-lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("course", help="run the notebooks headless with papermill")

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from .launch import free_port
+from .models import COMPUTE_DTYPES
 
 STRATEGIES = ("ddp", "fsdp")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 # ------------------------------------------------------------------------------------------- one rank
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=None, help="rows per forward (default: all of a rank's)")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--lora-r", type=int, default=64)
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="compute dtype (default: bfloat16 on "
+    p.add_argument("--dtype", choices=tuple(COMPUTE_DTYPES), default=None, help="compute dtype (default: bfloat16 on "
                    "CUDA; float32 on CPU, where bf16 matrix products are emulated and slow)")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -86,11 +86,11 @@ def fsdp_settings(env: dict[str, str] | None = None) -> dict[str, Any]:
             "sync_module_states": flag("FSDP_SYNC_MODULE_STATES", True)}
 
 
-def build_model(args: argparse.Namespace, strategy: str, device: torch.device):
+def model_for_rank(args: argparse.Namespace, strategy: str, device: torch.device):
     """This rank's own copy: a 4-bit base (quant storage = compute dtype under FSDP) plus the seeded LoRA init."""
     from . import measure, models
 
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    dtype = COMPUTE_DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     storage = dtype if strategy == "fsdp" else torch.uint8  # FSDP flattens only float tensors of one dtype
     device_map = {"": device.index or 0} if device.type == "cuda" else "cpu"
     model = models.load_model(args.model, quantization="nf4" if args.method == "qlora" else None,
@@ -244,7 +244,7 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
         raise ValueError(f"--global-batch {args.global_batch} must split into {world} ranks of whole "
                          f"micro-batches of {micro} rows")
     blocks = token_blocks(args.steps * args.global_batch, args.seq_len, args.model)
-    model = build_model(args, strategy, device)
+    model = model_for_rank(args, strategy, device)
     base_hashes = [None] * world  # nothing broadcasts the base on CPU: prove every rank loaded the same one
     dist.all_gather_object(base_hashes, tensors_hash(dict(model.state_dict())) if device.type == "cpu" else "")
     if len(set(base_hashes)) != 1:
@@ -322,4 +322,7 @@ def single_process_group():
 
 
 if __name__ == "__main__":
+    from . import quiet
+
+    quiet()
     train(parse_args())

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from . import bf16_cpu
+from .checks import is_positive_number, is_whole
 from .data import GuanacoCollator, to_guanaco_text
 
 #: The system line the QLoRA paper put before Guanaco prompts at inference time.
@@ -108,10 +109,9 @@ def generate_replies(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     """
     from transformers import StoppingCriteriaList
 
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    if not is_whole(max_new_tokens, 1):
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is not allowed: a whole number >= 1")
-    if not (isinstance(repetition_penalty, (int, float)) and math.isfinite(repetition_penalty)
-            and repetition_penalty > 0):
+    if not is_positive_number(repetition_penalty):
         raise ValueError(f"repetition_penalty={repetition_penalty!r} is not allowed: a finite number > 0 "
                          "(1.0 = none, 1.2 = CTRL's)")
     device = next(model.parameters()).device

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from . import measure, memory, paging_trace, smoke
+from . import measure, memory, models, paging_trace, quiet, smoke
 
-PRESETS = ("llama-7b", "llama-13b")
+CHECKED_PRESETS = ("llama-7b", "llama-13b")
 
 
 def _batch(vocab: int, seq_len: int, seed: int = 0) -> torch.Tensor:
@@ -29,7 +29,7 @@ def _batch(vocab: int, seq_len: int, seed: int = 0) -> torch.Tensor:
 
 def qlora_step_memory(preset: str, seq_len: int, folder: Path) -> dict[str, Any]:
     """Peak memory of one QLoRA step (NF4+DQ, r=64 all-linear, checkpointing, paged AdamW) vs the estimate."""
-    model = memory.random_llama(preset, folder / preset, quantization="nf4")
+    model = models.random_llama(preset, folder / preset, quantization="nf4")
     est = memory.estimate_training_memory(model, "qlora", batch_size=1, seq_len=seq_len, optimizer="paged_adamw")
     trainable = measure.prepare_for_training(model, "qlora", gradient_checkpointing=True)
     measured = measure.measure_training_memory(trainable, _batch(model.config.vocab_size, seq_len),
@@ -44,7 +44,7 @@ def qlora_step_memory(preset: str, seq_len: int, folder: Path) -> dict[str, Any]
 
 def steps_per_second(preset: str, method: str, seq_len: int, steps: int, folder: Path) -> dict[str, Any]:
     """Training steps per second of QLoRA or 16-bit LoRA on the same shape (after one warm-up step)."""
-    model = memory.random_llama(preset, folder / f"{preset}-{method}",
+    model = models.random_llama(preset, folder / f"{preset}-{method}",
                                 quantization="nf4" if method == "qlora" else None)
     trainable = measure.prepare_for_training(model, method, gradient_checkpointing=True)
     device = next(trainable.parameters()).device
@@ -80,7 +80,7 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def run(dry_run: bool, presets: tuple[str, ...] = PRESETS) -> dict[str, Any]:
+def run(dry_run: bool, presets: tuple[str, ...] = CHECKED_PRESETS) -> dict[str, Any]:
     """Every measurement, in one dict; CUDA-only parts say why they were skipped."""
     cuda = torch.cuda.is_available()
     if not cuda and not dry_run:
@@ -108,6 +108,7 @@ def run(dry_run: bool, presets: tuple[str, ...] = PRESETS) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m qlora_lab.gpu_check --out results.json [--dry-run]`."""
+    quiet()
     parser = argparse.ArgumentParser(prog="python -m qlora_lab.gpu_check", description=__doc__)
     parser.add_argument("--out", required=True, help="where to write the JSON of results")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (what the tests run)")

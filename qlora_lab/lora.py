@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import is_positive_number, is_whole
+
 #: `target_modules` shorthand (as in peft): every nn.Linear except the output head.
 ALL_LINEAR = "all-linear"
 
@@ -95,9 +97,9 @@ class LoRALinear(nn.Module):
 
 def _check_hyperparameters(r: int, alpha: float, dropout: float) -> None:
     """Reject ranks, alphas and dropout rates that make no LoRA, before any weight is touched."""
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+    if not is_whole(r, 1):
         raise ValueError(f"r={r!r} is not a valid LoRA rank; use an integer >= 1 (typical: 4 to 64).")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+    if not is_positive_number(alpha):
         raise ValueError(f"alpha={alpha!r} is not valid; use a finite number > 0 (the update is scaled by alpha/r).")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout={dropout!r} is not valid; use a probability in [0, 1).")
@@ -121,7 +123,7 @@ def _init_factors(base: nn.Linear, r: int) -> tuple[nn.Parameter, nn.Parameter]:
 def lora_parameter_count(in_features: int, out_features: int, r: int) -> int:
     """Trainable parameters LoRA adds to one (out × in) layer: r·in for A plus out·r for B."""
     for name, value in (("in_features", in_features), ("out_features", out_features), ("r", r)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_whole(value, 1):
             raise ValueError(f"{name}={value!r} must be an integer >= 1.")
     return r * (in_features + out_features)
 

@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from .checks import require_choice
-from .memory import METHODS, OPTIMIZERS, PAGED_MIN_SIZE, MemoryBreakdown
+from .memory import ESTIMATOR_METHODS, OPTIMIZER_STATE, PAGED_MIN_SIZE, MemoryBreakdown
 
 @contextlib.contextmanager
 def _quiet_native_stderr():
@@ -89,7 +89,7 @@ def tensor_bytes(tensors) -> int:
 
 def parameter_bytes(model) -> dict[str, int]:
     """Weights, quantization constants and trainable LoRA weights a model holds, in bytes."""
-    from .models import _quant_state_bytes
+    from .models import quant_state_bytes
 
     out = {"weights": 0, "quant_constants": 0, "lora_weights": 0}
     for name, p in model.named_parameters():
@@ -97,17 +97,23 @@ def parameter_bytes(model) -> dict[str, int]:
         out[key] += p.numel() * p.element_size()
         state = getattr(p, "quant_state", None)
         if state is not None:
-            out["quant_constants"] += _quant_state_bytes(state)
+            out["quant_constants"] += quant_state_bytes(state)
     out["weights"] += sum(b.numel() * b.element_size() for b in model.buffers())
     return out
 
 
+#: Every optimizer name make_optimizer takes: torch's AdamW, or a bitsandbytes AdamW by its transformers name.
+OPTIMIZER_CHOICES = ("adamw_torch", *OPTIMIZER_STATE)
+
+
 def make_optimizer(params, optimizer: str = "adamw", lr: float = 2e-4):
-    """The bitsandbytes AdamW for a name in OPTIMIZERS (32- or 8-bit, plain or paged, as qlora.py's `optim`)."""
+    """AdamW as qlora.py sets it (beta2 0.999, no weight decay): torch's, or bitsandbytes' 32/8-bit, plain or paged."""
+    require_choice("optimizer", optimizer, OPTIMIZER_CHOICES)
+    if optimizer == "adamw_torch":  # its moments take the parameter dtype: bf16 moments for bf16 adapters
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
     import bitsandbytes as bnb
 
-    require_choice("optimizer", optimizer, OPTIMIZERS)
-    bits, paged = OPTIMIZERS[optimizer]
+    bits, paged = OPTIMIZER_STATE[optimizer]
     cls = {(32, False): bnb.optim.AdamW32bit, (8, False): bnb.optim.AdamW8bit,
            (32, True): bnb.optim.PagedAdamW32bit, (8, True): bnb.optim.PagedAdamW8bit}[(bits, paged)]
     return cls(params, lr=lr, weight_decay=0.0)
@@ -145,7 +151,7 @@ def prepare_for_training(model, method: str, *, lora_r: int = 64, lora_targets: 
                          lora_dropout: float = 0.0, lora_alpha: float = 16, gradient_checkpointing: bool = True,
                          seed: int = 0):
     """Make a loaded model trainable as `method` does; LoRA adapters in the compute dtype, as qlora.py casts them."""
-    require_choice("method", method, METHODS)
+    require_choice("method", method, ESTIMATOR_METHODS)
     is_4bit = bool(getattr(model, "is_loaded_in_4bit", False))
     if (method == "qlora") != is_4bit:
         raise ValueError(f"method={method!r} with a model {'loaded in 4 bits' if is_4bit else 'in 16 bits'}: "

@@ -12,16 +12,17 @@ from typing import Any
 
 import torch
 
-from . import smoke
-from .checks import require_bool, require_choice, require_whole
+from .checks import is_whole, require_bool, require_choice, require_whole
+from .double_quant import DQ_BLOCKSIZE
+from .nf4 import BLOCKSIZE as NF4_BLOCKSIZE
 
-METHODS = ("full", "lora", "qlora")
+ESTIMATOR_METHODS = ("full", "lora", "qlora")
 #: How the training state is split over `world_size` GPUs: "none" (one GPU, or DDP: every GPU holds a full
 #: copy) or "fsdp_full_shard" (weights, gradients and optimizer state cut into world_size shards; DeepSpeed
 #: ZeRO-3 shards the same three).
 SHARDINGS = ("none", "fsdp_full_shard")
 #: Optimizer names (transformers' `optim` spelling where one exists) -> (state bits, paged).
-OPTIMIZERS: dict[str, tuple[int, bool]] = {
+OPTIMIZER_STATE: dict[str, tuple[int, bool]] = {
     "adamw": (32, False),
     "adamw_32bit": (32, False),
     "adamw_8bit": (8, False),
@@ -33,13 +34,12 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 #: Which tensor each linear layer reads: LoRA adapters on the same input share one saved copy.
 LINEAR_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out",
                 "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid"}
-#: bitsandbytes constants the estimator assumes (read in bitsandbytes 0.50 and checked by the tests).
-NF4_BLOCKSIZE = 64            # weights per absmax constant
-DQ_BLOCKSIZE = 256            # absmax constants per second-level float32 constant
+#: bitsandbytes constants the estimator assumes (read in bitsandbytes 0.50 and checked by the tests); the 4-bit
+#: block sizes live in nf4 and double_quant.
 OPT8_BLOCKSIZE = 256          # 8-bit optimizer: values per float32 absmax
 OPT8_MIN_SIZE = 4096          # bnb keeps tensors with fewer elements in 32-bit state
 PAGED_MIN_SIZE = 100_000      # bnb pages only optimizer state of tensors with at least this many elements
-GB = 1e9                      # the paper and the seed write decimal GB
+GB = 1e9                      # the paper writes decimal GB
 
 
 @dataclass(frozen=True)
@@ -189,8 +189,8 @@ def _full_tensor_sizes(arch: Architecture) -> list[int]:
 
 def optimizer_state_bytes(sizes: list[int], optimizer: str = "adamw") -> tuple[float, float]:
     """AdamW state bytes for tensors of these element counts, and the part a paged optimizer may evict."""
-    require_choice("optimizer", optimizer, OPTIMIZERS)
-    bits, paged = OPTIMIZERS[optimizer]
+    require_choice("optimizer", optimizer, OPTIMIZER_STATE)
+    bits, paged = OPTIMIZER_STATE[optimizer]
     total = pageable = 0.0
     for n in sizes:
         if bits == 8 and n >= OPT8_MIN_SIZE:  # two uint8 moments + a float32 absmax per 256 values each
@@ -289,8 +289,8 @@ def estimate_training_memory(
     With world_size > 1 the figures are per GPU (batch_size is per GPU); `sharding` and `cpu_offload` model
     DDP, FSDP full sharding and FSDP's CPU offload (see `_distribute`).
     """
-    require_choice("method", method, METHODS)
-    require_choice("optimizer", optimizer, OPTIMIZERS)
+    require_choice("method", method, ESTIMATOR_METHODS)
+    require_choice("optimizer", optimizer, OPTIMIZER_STATE)
     for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("lora_r", lora_r)):
         require_whole(name, v)
     for name, v in (("gradient_checkpointing", gradient_checkpointing), ("double_quant", double_quant),
@@ -332,7 +332,7 @@ def estimate_training_memory(
                      f"({sum(sizes) / 1e6:.1f}M parameters), LoRA weights and gradients in {dt}")
     out.gradients = cb * sum(sizes)
     out.optimizer_state, out.pageable = optimizer_state_bytes(sizes, optimizer)
-    bits, paged = OPTIMIZERS[optimizer]
+    bits, paged = OPTIMIZER_STATE[optimizer]
     notes.append(f"{'paged ' if paged else ''}AdamW state: "
                  + ("2 uint8 moments + a float32 absmax per 256 values" if bits == 8 else "2 float32 moments")
                  + " per trained parameter" + (f"; moments of tensors >= {PAGED_MIN_SIZE:,} elements pageable"
@@ -352,7 +352,7 @@ def estimate_training_memory(
 
 def _check_distribution(world_size: int, sharding: str, cpu_offload: bool) -> None:
     """Reject impossible multi-GPU settings before any arithmetic."""
-    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+    if not is_whole(world_size, 1):
         raise ValueError(f"world_size={world_size!r} must be a positive integer (the number of GPUs)")
     require_choice("sharding", sharding, SHARDINGS)
     if cpu_offload and sharding == "none":
@@ -400,31 +400,3 @@ def _distribute(out: MemoryBreakdown, arch: Architecture, method: str, cb: int, 
                      "on the CPU; the GPU keeps gathered units, quantization constants and activations")
     out.weights += gathered
 
-
-def llama_config(model: Any):
-    """A transformers LlamaConfig for a preset or Architecture (to build a randomly initialised model)."""
-    from transformers import LlamaConfig
-
-    arch = architecture(model)
-    return LlamaConfig(hidden_size=arch.hidden, intermediate_size=arch.intermediate,
-                       num_hidden_layers=arch.layers, num_attention_heads=arch.heads,
-                       num_key_value_heads=arch.kv_heads, head_dim=arch.head_dim, vocab_size=arch.vocab,
-                       tie_word_embeddings=arch.tied_embeddings, max_position_embeddings=4096)
-
-
-def random_llama(model: Any, folder, quantization: str | None = None, dtype: torch.dtype = torch.bfloat16,
-                 seed: int = 0):
-    """A randomly initialised Llama of a preset's shape (no download), loaded as load_model would load it."""
-    from transformers import LlamaForCausalLM
-
-    from .models import load_model
-
-    torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = smoke.standin_config(model) if smoke.active() else llama_config(model)
-    with torch.device(device):
-        net = LlamaForCausalLM(config).to(dtype)
-    net.save_pretrained(folder)  # round trip so 4-bit loading goes through transformers + bitsandbytes
-    del net
-    return load_model(folder, quantization=quantization, compute_dtype=dtype,
-                      device_map={"": 0} if device == "cuda" else None)

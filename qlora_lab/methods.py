@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
-from . import data, measure, memory, models, nf4
+from . import data, models, nf4
 from .linear4bit import Frozen4bitLinear, install_4bit, quantize_linears
 
 if TYPE_CHECKING:
@@ -27,11 +27,6 @@ LABELS = {"full": "16-bit full", "lora": "16-bit LoRA", "qlora_nf4_dq": "QLoRA N
 #: 4-bit methods -> (code, double quantization of the absmax constants).
 QUANT = {"qlora_nf4_dq": ("nf4", True), "qlora_nf4": ("nf4", False), "qlora_fp4": ("fp4", False),
          "qlora_int4": ("int4", False)}
-#: Optimizers: a bitsandbytes AdamW by its transformers name (qlora.py: paged_adamw_32bit), or torch's AdamW
-#: (which keeps its moments in the parameter dtype: bf16 moments for bf16 adapters).
-OPTIMIZERS = ("adamw_torch", *memory.OPTIMIZERS)
-
-
 class StudyError(ValueError):
     """A study setting that cannot work; the message names the value and what is allowed."""
 
@@ -105,12 +100,6 @@ def autocast_for(model) -> contextlib.AbstractContextManager:
         return torch.autocast(param.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
-
-def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float):
-    """AdamW (beta2 0.999, no weight decay, as qlora.py): torch's, or bitsandbytes' by its transformers name."""
-    if name == "adamw_torch":
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
-    return measure.make_optimizer(params, name, lr)
 
 
 # -------------------------------------------------------------------------------------------- fair check

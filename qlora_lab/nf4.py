@@ -14,6 +14,7 @@ from functools import lru_cache
 import torch
 
 #: Block sizes bitsandbytes' `quantize_4bit` accepts (bitsandbytes 0.50 `functional.quantize_4bit`).
+BLOCKSIZE = 64  # bitsandbytes' default for 4-bit weights (and QLoRA's): weights per absmax constant
 ALLOWED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: 4-bit codes this module builds; bitsandbytes quantizes only "nf4" and "fp4".
 QUANT_TYPES = ("nf4", "fp4", "int4")
@@ -196,7 +197,7 @@ def _nearest_index(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
     return index
 
 
-def quantize_4bit_reference(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64) -> Quantized4bit:
+def quantize_4bit_reference(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = BLOCKSIZE) -> Quantized4bit:
     """The textbook quantizer (bitsandbytes' own CPU code): scale, clamp, `bucketize`, pack; slow but plain."""
     _check_weight(w)
     _check_quant_type(quant_type)
@@ -319,7 +320,7 @@ def _quantize_full_blocks(blocks: torch.Tensor, quant_type: str, absmax: torch.T
         torch.set_num_threads(threads)
 
 
-def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64) -> Quantized4bit:
+def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = BLOCKSIZE) -> Quantized4bit:
     """Blockwise 4-bit quantization: absmax per block, scale to [-1, 1], nearest code value, pack two per byte.
 
     The same bytes as `quantize_4bit_reference` (and bitsandbytes), computed with a table lookup instead of
@@ -390,12 +391,12 @@ def dequantize_4bit(q: Quantized4bit, dtype: torch.dtype | None = None) -> torch
     return out.view(q.shape)
 
 
-def fake_quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = BLOCKSIZE) -> torch.Tensor:
     """Quantize and dequantize at once: the weights a 4-bit layer would compute with, in w's dtype."""
     return dequantize_4bit(quantize_4bit(w, quant_type, blocksize), w.dtype)
 
 
-def fake_quantize_linears(model: torch.nn.Module, quant_type: str = "nf4", blocksize: int = 64,
+def fake_quantize_linears(model: torch.nn.Module, quant_type: str = "nf4", blocksize: int = BLOCKSIZE,
                           skip: tuple[str, ...] = ("lm_head",)) -> int:
     """Replace every nn.Linear weight (except `skip`) by its 4-bit round trip, as bitsandbytes would; returns count."""
     count = 0

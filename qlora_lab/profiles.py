@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from . import smoke
-from .checks import is_whole
+from .checks import is_positive_number, is_whole
 
 PROFILE_NAMES = ("cpu", "gpu")
 
@@ -76,8 +76,6 @@ _RATES = ("learning_rate", "lora_lr", "full_lr", "repetition_penalty")
 
 def _problem(name: str, value: Any, default: Any) -> str | None:
     """What is wrong with one parameter value (None if nothing): known rules first, then the default's type."""
-    import math
-
     if value is None:  # None means "the profile's value"
         return None
     if name in _POSITIVE:
@@ -85,8 +83,7 @@ def _problem(name: str, value: Any, default: Any) -> str | None:
     if name in ("ft_layer", "long_step"):
         return None if is_whole(value, 0) else "a whole number >= 0"
     if name in _RATES:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-        return None if ok else "a finite number > 0"
+        return None if is_positive_number(value) else "a finite number > 0"
     if name == "data_source":
         from .oasst import SOURCES
 
@@ -110,10 +107,10 @@ def _problem(name: str, value: Any, default: Any) -> str | None:
         ok = isinstance(value, list) and value and all(is_whole(s, 0) for s in value)
         return None if ok else "a non-empty list of whole numbers >= 0, e.g. [0, 1]"
     if name == "measure_methods":
-        from .memory import METHODS
+        from .memory import ESTIMATOR_METHODS
 
-        ok = isinstance(value, list) and value and all(m in METHODS for m in value)
-        return None if ok else f"a non-empty list drawn from {list(METHODS)}"
+        ok = isinstance(value, list) and value and all(m in ESTIMATOR_METHODS for m in value)
+        return None if ok else f"a non-empty list drawn from {list(ESTIMATOR_METHODS)}"
     if name == "measure_shapes":
         ok = isinstance(value, list) and value and all(
             isinstance(s, (list, tuple)) and len(s) == 2 and all(is_whole(x, 1) for x in s) for s in value)

@@ -19,9 +19,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import data, evaluate, measure, models, nf4
+from .checks import is_positive_number, is_whole
 from .linear4bit import Frozen4bitLinear
-from .methods import (LABELS, METHODS, OPTIMIZERS, QUANT, QuantCache, StudyError, autocast_for, build_model,
-                      check_methods, make_optimizer)
+from .measure import OPTIMIZER_CHOICES, make_optimizer
+from .methods import LABELS, METHODS, QUANT, QuantCache, StudyError, autocast_for, build_model, check_methods
 #: The reference method that ratios are taken against.
 REFERENCE = "lora"
 
@@ -63,27 +64,27 @@ class StudyConfig:
     def validate(self) -> None:
         """Reject settings that cannot work, before any model is loaded."""
         check_methods(self.methods)
-        if not self.seeds or any(not isinstance(s, int) or isinstance(s, bool) for s in self.seeds) \
+        if not self.seeds or any(not is_whole(s, 0) for s in self.seeds) \
                 or len(set(self.seeds)) != len(self.seeds):
-            raise StudyError(f"seeds={self.seeds!r}: give one or more distinct integers, e.g. (0, 1)")
+            raise StudyError(f"seeds={self.seeds!r}: give one or more distinct whole numbers >= 0, e.g. (0, 1)")
         for name, low in (("max_steps", 3), ("batch_size", 1), ("max_length", 8), ("eval_batch_size", 1),
                           ("lora_r", 1)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            if not is_whole(value, low):
                 why = " (1 warm-up step, 1 memory step, then timed steps)" if name == "max_steps" else ""
                 raise StudyError(f"{name}={value!r}: need a whole number >= {low}{why}")
         for name in ("eval_rows", "num_layers"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            if value is not None and not is_whole(value, 1):
                 raise StudyError(f"{name}={value!r}: need None (all) or a whole number >= 1")
         for name in ("lora_lr", "full_lr", "max_grad_norm", "lora_alpha"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if not is_positive_number(value):
                 raise StudyError(f"{name}={value!r}: need a finite number > 0")
         if not 0 <= self.lora_dropout < 1:
             raise StudyError(f"lora_dropout={self.lora_dropout!r}: need 0 <= dropout < 1")
-        if self.optim not in OPTIMIZERS:
-            raise StudyError(f"optim={self.optim!r} is not one of {list(OPTIMIZERS)}")
+        if self.optim not in OPTIMIZER_CHOICES:
+            raise StudyError(f"optim={self.optim!r} is not one of {list(OPTIMIZER_CHOICES)}")
         if self.compute_dtype != "bfloat16":  # the paper's; full fine-tuning's autocast uses it too
             raise StudyError(f"compute_dtype={self.compute_dtype!r} is not allowed; the study computes in 'bfloat16'")
         if self.blocksize not in nf4.ALLOWED_BLOCKSIZES:
@@ -275,7 +276,7 @@ def model_config(model_name: str | None = None):
     """The transformers config of the study's model (for the memory estimator), without loading weights."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(models._resolve(model_name))
+    return AutoConfig.from_pretrained(models.resolve(model_name))
 
 
 def load_texts(cfg: StudyConfig) -> tuple[list[str], list[str]]:

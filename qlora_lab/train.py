@@ -18,10 +18,10 @@ from . import bf16_cpu, data, measure, models, smoke
 from .checkpoints import (callbacks as checkpoint_callbacks, check_resumable, exclusive,
                           last_complete_checkpoint, set_aside_unmarked)
 from .checks import ConfigError, is_whole
+from .models import COMPUTE_DTYPES
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit", "adamw_bnb_8bit")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
-COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 GUANACO_MODELS = {  # LLaMA-1 base checkpoints as the paper used them (a public hub copy)
     "7b": "huggyllama/llama-7b", "13b": "huggyllama/llama-13b",
     "33b": "huggyllama/llama-30b", "65b": "huggyllama/llama-65b",
@@ -172,7 +172,7 @@ class FinetuneResult:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def load_base(config: FinetuneConfig):
+def load_model_and_tokenizer(config: FinetuneConfig):
     """Tokenizer and (quantized) base model as the config says."""
     tokenizer = models.load_tokenizer(config.model_name_or_path)
     model = models.load_model(config.model_name_or_path, quantization=config.quantization,
@@ -241,7 +241,7 @@ def finetune(config: FinetuneConfig, progress: bool = True, model=None, tokenize
         if resume is not None:
             check_resumable(resume, config)  # before any model work
         if model is None or tokenizer is None:
-            tokenizer, model = load_base(config)
+            tokenizer, model = load_model_and_tokenizer(config)
         model = add_adapters(model, config)
         collator = data.GuanacoCollator(tokenizer, max_length=config.max_length, train_on=config.train_on,
                                         truncation=config.truncation)

@@ -8,7 +8,9 @@ import tempfile
 import pytest
 import torch
 
-import qlora_lab  # noqa: F401  (quiets transformers and bitsandbytes)
+import qlora_lab
+
+qlora_lab.quiet()  # no progress bars or library notices in the test output
 
 # Tests and the notebooks nbval executes write here, never into the checkout's build/ that `make course` uses.
 # Set before any kernel starts, so nbval's kernels inherit it; removed when the session ends (it is ours).

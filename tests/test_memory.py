@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qlora_lab import measure, memory
+from qlora_lab.models import random_llama
 
 # Parameter counts of the released checkpoints (Hugging Face model cards / config.json of each).
 PUBLISHED_PARAMS = {
@@ -93,12 +94,12 @@ def test_nf4_bytes_match_the_paper_and_bitsandbytes():
 
     w = torch.randn(300, 257)  # a size that is not a multiple of the block
     packed, state = F.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-    from qlora_lab.models import _quant_state_bytes
+    from qlora_lab.models import quant_state_bytes
 
-    assert memory.nf4_bytes(w.numel(), True) == (packed.numel(), _quant_state_bytes(state))
+    assert memory.nf4_bytes(w.numel(), True) == (packed.numel(), quant_state_bytes(state))
 
 
-@pytest.mark.parametrize("optimizer", sorted(memory.OPTIMIZERS))
+@pytest.mark.parametrize("optimizer", sorted(memory.OPTIMIZER_STATE))
 def test_optimizer_state_equals_bitsandbytes(optimizer):
     sizes = [300_000, 100, 5_000, 4_095, 4_096, 257]
     params = [torch.nn.Parameter(torch.zeros(n)) for n in sizes]
@@ -111,7 +112,7 @@ def test_optimizer_state_equals_bitsandbytes(optimizer):
     fresh = measure.make_optimizer(params, optimizer)
     measure.allocate_optimizer_state(fresh)  # the same allocation without the update
     assert total == measure.tensor_bytes(measure.optimizer_state_tensors(fresh))
-    bits, paged = memory.OPTIMIZERS[optimizer]
+    bits, paged = memory.OPTIMIZER_STATE[optimizer]
     assert pageable == ((8 if bits == 32 else 2) * 300_000 if paged else 0)
 
 
@@ -154,10 +155,10 @@ def test_architecture_error_lists_what_is_accepted():
 def models():
     from qlora_lab.models import load_model
 
-    return {m: load_model(quantization="nf4" if m == "qlora" else None) for m in memory.METHODS}
+    return {m: load_model(quantization="nf4" if m == "qlora" else None) for m in memory.ESTIMATOR_METHODS}
 
 
-@pytest.mark.parametrize("method", memory.METHODS)
+@pytest.mark.parametrize("method", memory.ESTIMATOR_METHODS)
 def test_estimate_within_15_percent_of_measurement(models, method):
     model = measure.prepare_for_training(models[method], method)
     ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
@@ -185,7 +186,7 @@ def test_measurement_and_preparation_errors(models):
 
 def test_random_llama_round_trip_matches_its_preset(tmp_path):
     arch = memory.Architecture("tiny", 64, 160, 2, 4, 2, 16, 128)
-    model = memory.random_llama(arch, tmp_path / "tiny", quantization="nf4")
+    model = random_llama(arch, tmp_path / "tiny", quantization="nf4")
     assert getattr(model, "is_loaded_in_4bit", False)
     est = memory.estimate_training_memory(arch, "qlora", lora_r=8)
     measured = measure.parameter_bytes(model)
@@ -199,7 +200,7 @@ def test_random_llama_round_trip_matches_its_preset(tmp_path):
 def test_block_formula_where_the_loss_head_does_not_dominate(tmp_path, method, dropout, checkpointing):
     """A small vocabulary makes the recomputed block (or all blocks) set the peak, not the loss head."""
     arch = memory.Architecture("small-vocab", 384, 1024, 3, 6, 6, 64, 300)
-    model = memory.random_llama(arch, tmp_path / method, quantization="nf4" if method == "qlora" else None)
+    model = random_llama(arch, tmp_path / method, quantization="nf4" if method == "qlora" else None)
     train = measure.prepare_for_training(model, method, lora_r=16, lora_dropout=dropout,
                                         gradient_checkpointing=checkpointing)
     ids = torch.randint(0, arch.vocab, (4, 128), generator=torch.Generator().manual_seed(0))
@@ -224,7 +225,7 @@ def test_numbers_and_flags_that_cannot_work_are_refused(kwargs, message):
 
 # ------------------------------------------------------------------------ several GPUs: DDP, FSDP, offload
 def test_one_gpu_defaults_leave_every_result_unchanged():
-    for method in memory.METHODS:
+    for method in memory.ESTIMATOR_METHODS:
         plain = memory.estimate_training_memory("llama-7b", method)
         same = memory.estimate_training_memory("llama-7b", method, world_size=1, sharding="none", cpu_offload=False)
         assert same.as_dict() == plain.as_dict() and same.assumptions == plain.assumptions

@@ -116,3 +116,24 @@ def test_sections_end_in_self_checks_that_ran_and_passed(path):
         assert "revisit=" in source, f"{path.name}: a self-check says what to revisit when it fails"
         printed = "".join("".join(o.get("text", "")) for o in cell["outputs"])
         assert "checks passed" in printed, f"{path.name}: committed self-check output {printed!r}"
+
+
+@pytest.mark.parametrize("path", [*NOTEBOOKS, *SOLUTIONS], ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_setup_cell_quiets_the_libraries_first(path):
+    """Importing qlora_lab changes no logging: each notebook asks for quiet outputs itself, before any library loads."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code" and "qlora_lab" in "".join(c["source"])]
+    setup = [line for line in code[0].splitlines() if line.strip() and not line.startswith("#")]
+    assert setup[:2] == ["import qlora_lab", "qlora_lab.quiet()  # first: no weight-loading progress bars or "
+                                             "optional-kernel notices from the libraries"], setup[:2]
+
+
+def test_importing_the_package_changes_no_logging_setting():
+    import subprocess
+    import sys
+
+    probe = ("import logging, warnings, torch; before = (len(warnings.filters), logging.getLogger('bitsandbytes').level); "
+             "import qlora_lab; after = (len(warnings.filters), logging.getLogger('bitsandbytes').level); "
+             "assert before == after, (before, after); qlora_lab.quiet(); "
+             "assert logging.getLogger('bitsandbytes').level == logging.ERROR")
+    subprocess.run([sys.executable, "-c", probe], check=True)

@@ -186,9 +186,9 @@ def trained(tmp_path_factory):
 
 def test_saved_adapter_reloads_to_identical_outputs(trained):
     cfg, res = trained
-    tok, base = train.load_base(cfg)
+    tok, base = train.load_model_and_tokenizer(cfg)
     model = train.load_adapter(base, res.adapter_path)
-    tok2, base2 = train.load_base(cfg)
+    tok2, base2 = train.load_model_and_tokenizer(cfg)
     again = train.load_adapter(base2, res.adapter_path)
     ids = tok("### Human: Hello there### Assistant:", return_tensors="pt")
     with torch.no_grad():
@@ -198,7 +198,7 @@ def test_saved_adapter_reloads_to_identical_outputs(trained):
 
 def test_missing_and_corrupt_adapters_are_explained(trained, tmp_path):
     cfg, res = trained
-    _, base = train.load_base(cfg)
+    _, base = train.load_model_and_tokenizer(cfg)
     with pytest.raises(FileNotFoundError, match="No LoRA adapter"):
         train.load_adapter(base, tmp_path / "nowhere")
     broken = tmp_path / "broken"
@@ -225,7 +225,7 @@ def test_a_plain_transformers_checkpoint_survives_a_run(tmp_path):
 def test_load_adapter_onto_a_base_it_does_not_fit_says_why(trained, tmp_path):
     cfg, res = trained
     other = train.FinetuneConfig.cpu(**{**TINY, "lora_r": 8})
-    _, base = train.load_base(other)
+    _, base = train.load_model_and_tokenizer(other)
     from qlora_lab import models
 
     cut = models.load_model(None, quantization="nf4", num_hidden_layers=2)

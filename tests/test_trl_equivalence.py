@@ -33,7 +33,7 @@ def setup():
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.chat_template = TEMPLATE  # SmolLM2's tokenizer adds no BOS
     everything = chat_data.load_chat("embedded").conversations
-    conversations = sorted(everything, key=lambda c: len(chat_data.to_guanaco_text(c)))[:16]  # short: fast
+    conversations = sorted(everything, key=lambda c: len(chat_data.messages_to_guanaco_text(c)))[:16]  # short: fast
     assert any(len(c) == 4 for c in conversations)  # a two-turn conversation is among them
     return path, tokenizer, conversations
 
@@ -101,7 +101,7 @@ def test_same_tokens_and_labels_as_guanaco_collator(setup):
     collator = data.GuanacoCollator(tokenizer, max_length=4096, train_on="assistant")
     for messages in chat_data.load_chat("embedded").conversations:  # all 40, Korean and two-turn ones included
         enc = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
-        ids, labels = collator.encode(chat_data.to_guanaco_text(messages))
+        ids, labels = collator.encode(chat_data.messages_to_guanaco_text(messages))
         assert list(enc["input_ids"]) == ids
         assert [t if m else -100 for t, m in zip(enc["input_ids"], enc["assistant_masks"])] == labels
 
@@ -139,7 +139,7 @@ def test_fused_loss_head_matches_cross_entropy(setup):
             if "lora_B" in name:
                 p.normal_(0, 0.01)  # a non-zero adapter, so every LoRA matrix gets a gradient
     batch = data.GuanacoCollator(tokenizer, max_length=MAX_LENGTH)(
-        [chat_data.to_guanaco_text(c) for c in conversations[:4]])
+        [chat_data.messages_to_guanaco_text(c) for c in conversations[:4]])
     n = int((batch["labels"][:, 1:] != -100).sum())
     model.train()
     results = []
