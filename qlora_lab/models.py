@@ -319,10 +319,16 @@ def add_lora_adapters(model, r: int, alpha: float, dropout: float, targets: str 
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=adapter_dtype is None)
     if adapter_dtype is not None:
-        for p in peft_model.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(adapter_dtype)
+        cast_trainable(peft_model, adapter_dtype)
     return peft_model
+
+
+def cast_trainable(model, dtype: torch.dtype):
+    """Cast only the trainable parameters (the adapters) to `dtype`: qlora.py keeps them in the compute dtype."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(dtype)
+    return model
 
 
 def llama_config(model):

@@ -25,17 +25,14 @@ def test_a_good_file_loads(tmp_path):
     assert rows["text"] == ["### Human: What is NF4?### Assistant: A 4-bit data type."]
 
 
-def test_invalid_json_in_jsonl_names_file_and_line(tmp_path):
-    path = write_jsonl(tmp_path / "t.jsonl", GOOD)
-    path.write_text(path.read_text() + '{"message_id": "x", oops}\n')
-    with pytest.raises(oasst.DataFileError, match=rf"{path}: line 3 is not valid JSON"):
-        oasst.load_oasst_messages(path)
-
-
-def test_invalid_json_in_json_names_file_and_line(tmp_path):
-    path = tmp_path / "t.json"
-    path.write_text('[\n{"message_id": "q1"},\n{"message_id": oops}\n]')
-    with pytest.raises(oasst.DataFileError, match=rf"{path}: line 3 column \d+ is not valid JSON"):
+@pytest.mark.parametrize("name, broken, where", [
+    ("t.jsonl", '{"message_id": "q1"}\n{"message_id": "a1"}\n{"message_id": "x", oops}\n', r"line 3"),
+    ("t.json", '[\n{"message_id": "q1"},\n{"message_id": oops}\n]', r"line 3 column \d+"),
+])
+def test_invalid_json_names_file_and_line(tmp_path, name, broken, where):
+    path = tmp_path / name
+    path.write_text(broken)
+    with pytest.raises(oasst.DataFileError, match=rf"{path}: {where} is not valid JSON"):
         oasst.load_oasst_messages(path)
 
 

@@ -103,11 +103,7 @@ def test_launch_and_script_reject_bad_values(tmp_path):
 def qlora(storage=torch.bfloat16, lora_dtype=None):
     model = models.load_model(None, quantization="nf4", num_hidden_layers=LAYERS, quant_storage=storage)
     model = measure.prepare_for_training(model, "qlora", lora_r=8, gradient_checkpointing=False)
-    if lora_dtype is not None:
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(lora_dtype)
-    return model
+    return models.cast_trainable(model, lora_dtype) if lora_dtype is not None else model
 
 
 def fsdp_wrap(model):
