@@ -90,7 +90,7 @@ FINETUNE = dict(per_device_train_batch_size=1, gradient_accumulation_steps=2, pe
 
 
 def standin_config(model: Any):
-    """A tiny LlamaConfig with a preset's layer count, for memory.random_llama in a smoke run."""
+    """A tiny LlamaConfig with a preset's layer count, for models.random_llama in a smoke run."""
     from transformers import LlamaConfig
 
     from .memory import architecture
