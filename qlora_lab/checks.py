@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -16,8 +17,6 @@ def is_whole(value: Any, low: int = 1) -> bool:
 
 def is_positive_number(value: Any) -> bool:
     """A finite int or float above 0 (not a bool, not nan/inf): what rates, scales and penalties must be."""
-    import math
-
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
