@@ -98,10 +98,41 @@ def _wide_empty(shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _widen(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous float32 copy of a bf16 operand."""
+    """A contiguous float32 copy of a bf16 operand (made once per weight inside `reused_weights`)."""
+    copies = _reused.get(t.untyped_storage().data_ptr()) if _reused else None
+    key = (t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version)  # _version: changed by any write
+    if copies is not None and key in copies:
+        return copies[key]
     wide = _wide_empty(tuple(t.shape))
     wide.copy_(t)
+    if copies is not None:
+        copies[key] = wide
     return wide
+
+
+#: Inside `reused_weights`: the storage address of every bf16 weight of its models -> their float32 copies so far.
+_reused: dict[int, dict[tuple, torch.Tensor]] | None = None
+
+
+@contextlib.contextmanager
+def reused_weights(*modules: torch.nn.Module):
+    """Widen each bf16 weight of these models once for the block, not at every product (inference only).
+
+    Generating a reply multiplies by the same weights at every new token, and widening them each time took about
+    a third of the time. The copies hold the same float32 values, so every product and every result is unchanged
+    bit for bit; they cost 4 bytes per bf16 weight while the block runs. A weight written to inside the block
+    (its version changes) is widened again.
+    """
+    global _reused
+    if _mode is None or _reused is not None:
+        yield
+        return
+    _reused = {t.untyped_storage().data_ptr(): {} for m in modules for t in (*m.parameters(), *m.buffers())
+               if t.dtype == torch.bfloat16 and t.device.type == "cpu"}
+    try:
+        yield
+    finally:
+        _reused = None
 
 
 @contextlib.contextmanager

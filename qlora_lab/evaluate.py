@@ -30,7 +30,7 @@ def response_perplexity(model, tokenizer, dataset, max_length: int = 512, batch_
     model.eval()
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    with torch.no_grad(), bf16_cpu.off_for(model):
+    with torch.no_grad(), bf16_cpu.off_for(model), bf16_cpu.reused_weights(model):
         for start in range(0, len(texts), batch_size):
             batch = collator(texts[start:start + batch_size])
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -122,7 +122,7 @@ def generate_replies(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
     try:
-        with bf16_cpu.off_for(model):
+        with bf16_cpu.off_for(model), bf16_cpu.reused_weights(model):
             for start in range(0, len(prompts), batch_size):
                 batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt",
                                   padding=True).to(device)

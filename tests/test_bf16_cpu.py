@@ -89,3 +89,25 @@ def test_it_steps_aside_only_for_models_without_bf16(monkeypatch):
             assert _get_current_dispatch_mode_stack() == [mode]  # autocast makes a float32 model's products bf16
         with bf16_cpu.off_for(fp32, bf16_autocast=True):
             assert _get_current_dispatch_mode_stack() == [mode]  # autocast that will be turned on inside
+
+
+def test_reused_weights_widen_each_weight_once_and_change_no_bit(monkeypatch):
+    mode = bf16_cpu.Float32Products()
+    monkeypatch.setattr(bf16_cpu, "_mode", mode)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32, bias=False).bfloat16().requires_grad_(False)
+    xs = [torch.randn(5, 64).bfloat16() for _ in range(3)]
+    with mode:
+        plain = [layer(x) for x in xs]
+        widened = []
+        monkeypatch.setattr(bf16_cpu, "_wide_empty", lambda shape, f=bf16_cpu._wide_empty: widened.append(shape) or f(shape))
+        with bf16_cpu.reused_weights(layer):
+            reused = [layer(x) for x in xs]
+            assert widened.count((64, 32)) == 1  # the weight (as W.t()) once; each input every time
+            assert widened.count((5, 64)) == 3
+            layer.weight.mul_(2)  # a write inside the block: the next product widens the new values
+            doubled = layer(xs[0])
+        assert bf16_cpu._reused is None
+    assert all(torch.equal(a, b) for a, b in zip(plain, reused))
+    with mode:
+        assert torch.equal(doubled, layer(xs[0]))

@@ -17,6 +17,22 @@ def test_every_notebook_is_on_the_map_and_in_both_profiles():
         assert set(profiles.PROFILES["cpu"][stem]) == set(profiles.PROFILES["gpu"][stem]), stem
 
 
+def test_the_minutes_agree_in_readme_course_map_and_each_notebook():
+    """One measured figure per notebook: README's time column, 00's course map and the notebook's Cost line."""
+    import re
+    from pathlib import Path
+
+    import nbformat
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    for path in course.notebooks():
+        minutes = profiles.COURSE_MAP[path.stem][2]
+        row = re.search(rf"^\| {path.stem[:2]} \|.*\| (\d+) \|$", readme, re.M)
+        assert row and int(row.group(1)) == minutes, (path.stem, minutes)
+        cost = re.search(r"\*\*Cost:\*\* about (\d+)", nbformat.read(path, as_version=4).cells[0].source)
+        assert cost and int(cost.group(1)) == minutes, (path.stem, minutes)
+
+
 def test_parameters_cell_lists_the_profile_parameters():
     import nbformat
 

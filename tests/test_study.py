@@ -83,3 +83,19 @@ def test_tiny_study_two_methods_completes(tmp_path):
     assert table.loc["QLoRA Int4", "memory / LoRA"] < 1
     with pytest.raises(methods.StudyError, match="reference='full' has no runs"):
         study.summary_table(results, reference="full")
+
+
+def test_the_lr_grid_script_holds_the_cpu_profile_rates():
+    """07 quotes scripts/tune_07_lr.py's grid as where its rates came from: each rate must be in its grid."""
+    import importlib.util
+    from pathlib import Path
+
+    from qlora_lab import profiles
+
+    path = Path(__file__).parents[1] / "scripts" / "tune_07_lr.py"
+    spec = importlib.util.spec_from_file_location("tune_07_lr", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # defines GRIDS and main; main() runs only as a script
+    values = profiles.PROFILES["cpu"]["07_qlora_vs_lora_vs_full"]
+    for name, rates in script.GRIDS.values():
+        assert values[name] in rates, (name, rates)
