@@ -100,14 +100,12 @@ def _wide_empty(shape: tuple[int, ...]) -> torch.Tensor:
 def _widen(t: torch.Tensor) -> torch.Tensor:
     """A contiguous float32 copy of a bf16 operand (made once per weight inside `reused_weights`)."""
     copies = _reused.get(t.untyped_storage().data_ptr()) if _reused else None
+    if copies is None:
+        return _wide_empty(tuple(t.shape)).copy_(t)
     key = (t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version)  # _version: changed by any write
-    if copies is not None and key in copies:
-        return copies[key]
-    wide = _wide_empty(tuple(t.shape))
-    wide.copy_(t)
-    if copies is not None:
-        copies[key] = wide
-    return wide
+    if key not in copies:
+        copies[key] = _wide_empty(tuple(t.shape)).copy_(t)
+    return copies[key]
 
 
 #: Inside `reused_weights`: the storage address of every bf16 weight of its models -> their float32 copies so far.

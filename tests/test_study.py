@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from qlora_lab import memory, methods, study
+from qlora_lab import memory, methods, profiles, study
 
 TINY = dict(seeds=(0,), max_steps=3, batch_size=2, max_length=32, eval_rows=2, eval_batch_size=2, lora_r=8,
             num_layers=2)
@@ -89,8 +89,6 @@ def test_the_lr_grid_script_holds_the_cpu_profile_rates():
     """07 quotes scripts/tune_07_lr.py's grid as where its rates came from: each rate must be in its grid."""
     import importlib.util
     from pathlib import Path
-
-    from qlora_lab import profiles
 
     path = Path(__file__).parents[1] / "scripts" / "tune_07_lr.py"
     spec = importlib.util.spec_from_file_location("tune_07_lr", path)
