@@ -24,7 +24,7 @@ COURSE_MAP: dict[str, tuple[str, str, float]] = {
     "03_double_quantization": ("Double quantization", "8-bit quantization of the absmax constants: 4.5 to 4.127 bits/param", 1),
     "04_paged_optimizers": ("Paged optimizers", "memory spikes, unified-memory paging, OOM without paging and survival with it", 1),
     "05_memory_budget": ("Memory budget", "an estimator for full / LoRA / QLoRA by model size, checked against measurement", 3),
-    "06_guanaco_oasst1_finetune": ("Guanaco OASST1 fine-tune", "OASST1 trees to Guanaco text, QLoRA with the paper's recipe, evaluate, chat, save, merge", 19),
+    "06_guanaco_oasst1_finetune": ("Guanaco OASST1 fine-tune", "OASST1 trees to Guanaco text, QLoRA with the paper's recipe, evaluate, chat, save, merge", 16),
     "07_qlora_vs_lora_vs_full": ("QLoRA vs LoRA vs full", "the same run in 16-bit full, 16-bit LoRA and QLoRA NF4+DQ / NF4 / FP4 / Int4", 16),
     "08_judging_chatbots": ("Judging chatbots", "the paper's GPT-4 judgments: % of ChatGPT, Elo over 10,000 orders, order bias, Bradley-Terry, rank stability; our models judged", 2),
     "09_your_own_qlora": ("Your own QLoRA", "the recipe in plain transformers + peft + bitsandbytes + TRL on your chat data, equal to qlora_lab.train; merge, chat, serve", 5),
