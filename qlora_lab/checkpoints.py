@@ -68,6 +68,24 @@ def checkpoint_config(checkpoint: str | os.PathLike) -> dict[str, Any] | None:
     return marker.get("config")
 
 
+def finished_adapter(output_dir: str | os.PathLike, model_name: str | None,
+                     bits: int) -> tuple[Path, dict[str, Any]] | None:
+    """The adapter (and config) of a run that finished every step on this base and bit width, else None.
+
+    Lets one notebook judge what another trained (08 uses 06's adapter) without guessing how it was made: the
+    run's last complete checkpoint must be at its max_steps, and its adapter saved after that checkpoint.
+    """
+    root = Path(output_dir)
+    last = last_complete_checkpoint(root)
+    weights = root / "adapter" / "adapter_model.safetensors"
+    saved = checkpoint_config(last) if last is not None else None
+    if saved is None or not weights.is_file() or weights.stat().st_mtime < (last / COMPLETE_MARKER).stat().st_mtime:
+        return None
+    if saved.get("model_name_or_path") != model_name or saved.get("bits") != bits or step_of(last) != saved.get("max_steps"):
+        return None
+    return root / "adapter", saved
+
+
 def config_differences(saved: dict[str, Any], config: FinetuneConfig) -> dict[str, tuple[Any, Any]]:
     """Fields whose value differs between a checkpoint's config and this one (RESUMABLE_CHANGES excepted)."""
     now = config.to_dict()

@@ -1,6 +1,7 @@
 """qlora_lab.train: the Guanaco preset, config errors, atomic checkpoints, kill-and-resume, adapter save/load."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -105,6 +106,25 @@ def test_a_checkpoint_without_its_config_is_not_resumed(tmp_path):
     (d / checkpoints.COMPLETE_MARKER).write_text(json.dumps({"step": 2}))  # an older marker
     with pytest.raises(train.ConfigError, match="without its configuration"):
         train.finetune(train.FinetuneConfig.cpu(output_dir=str(tmp_path)), progress=False)
+
+
+def test_finished_adapter_only_for_a_run_that_reached_max_steps_on_that_base(tmp_path):
+    cfg = train.FinetuneConfig.cpu(output_dir=str(tmp_path), max_steps=4)
+    _checkpoint(tmp_path, 2, cfg)
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"0" * 2048)
+    assert checkpoints.finished_adapter(tmp_path, None, 4) is None  # stopped at step 2 of 4
+    final = _checkpoint(tmp_path, 4, cfg) / checkpoints.COMPLETE_MARKER
+    stamp = final.stat().st_mtime
+    os.utime(weights, (stamp - 10, stamp - 10))
+    assert checkpoints.finished_adapter(tmp_path, None, 4) is None  # an adapter older than the run's end
+    os.utime(weights, (stamp + 10, stamp + 10))
+    adapter, saved = checkpoints.finished_adapter(tmp_path, None, 4)
+    assert adapter == tmp_path / "adapter" and saved["max_steps"] == 4 and saved["bits"] == 4
+    assert checkpoints.finished_adapter(tmp_path, "org/another-model", 4) is None  # another base
+    assert checkpoints.finished_adapter(tmp_path, None, 16) is None  # a 4-bit run is not a 16-bit LoRA
+    assert checkpoints.finished_adapter(tmp_path / "missing", None, 4) is None
 
 
 def test_two_runs_cannot_share_an_output_dir(tmp_path):
