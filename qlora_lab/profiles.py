@@ -41,7 +41,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "02_nf4_quantiles": {"model_name": None, "data_source": "embedded", "eval_rows": 8, "max_length": 96, "error_params": 16_000_000},  # cpu: 02_nf4_quantiles
         "03_double_quantization": {"model_name": None, "data_source": "embedded", "eval_rows": 8, "max_length": 96},  # cpu: 03_double_quantization
         "04_paged_optimizers": {"data_source": "embedded", "short_len": 64, "long_len": 1024, "steps": 4, "long_step": 2, "cuda_short_len": 256, "cuda_long_len": 2048},  # cpu: 04_paged_optimizers
-        "05_memory_budget": {"measure_model": "embedded", "measure_methods": ["full", "lora", "qlora"], "measure_shapes": [[1, 64], [4, 128]]},  # cpu: 05_memory_budget
+        "05_memory_budget": {"measure_model": "embedded", "measure_methods": ["full", "lora", "qlora"], "measure_shapes": [[1, 64], [4, 128]], "ckpt_shape": [4, 128]},  # cpu: 05_memory_budget
         "06_guanaco_oasst1_finetune": {"recipe": "cpu", "max_steps": 40, "n_eval_prompts": 22, "max_new_tokens": 384, "repetition_penalty": 1.2},
         "07_qlora_vs_lora_vs_full": {"model_name": None, "data_source": "embedded", "seeds": [0, 1], "max_steps": 6, "batch_size": 4, "max_length": 96, "eval_rows": 22, "lora_lr": 2e-3, "full_lr": 2e-4, "optim": "paged_adamw_32bit"},  # cpu: 07_qlora_vs_lora_vs_full
         "08_judging_chatbots": {"elo_orders": 10_000, "oa_orders": 1000, "n_boot": 1000, "stability_repeats": 30, "model_name": None, "judge_model": None, "train_steps": 2, "n_prompts": 8, "max_new_tokens": 32},  # cpu: 08_judging_chatbots
@@ -54,7 +54,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "02_nf4_quantiles": {"model_name": "huggyllama/llama-7b", "data_source": "guanaco-hub", "eval_rows": 64, "max_length": 512, "error_params": 400_000_000},  # gpu: 02_nf4_quantiles
         "03_double_quantization": {"model_name": "huggyllama/llama-7b", "data_source": "guanaco-hub", "eval_rows": 64, "max_length": 512},  # gpu: 03_double_quantization
         "04_paged_optimizers": {"data_source": "hub", "short_len": 128, "long_len": 2048, "steps": 4, "long_step": 2, "cuda_short_len": 256, "cuda_long_len": 2048},  # gpu: 04_paged_optimizers
-        "05_memory_budget": {"measure_model": "llama-7b", "measure_methods": ["lora", "qlora"], "measure_shapes": [[1, 512], [4, 512]]},  # gpu: 05_memory_budget
+        "05_memory_budget": {"measure_model": "llama-7b", "measure_methods": ["lora", "qlora"], "measure_shapes": [[1, 512], [4, 512]], "ckpt_shape": [4, 512]},  # gpu: 05_memory_budget
         "06_guanaco_oasst1_finetune": {"recipe": "guanaco-7b", "max_steps": 1875, "n_eval_prompts": 64, "max_new_tokens": 512, "repetition_penalty": 1.2},
         "07_qlora_vs_lora_vs_full": {"model_name": "HuggingFaceTB/SmolLM2-1.7B", "data_source": "guanaco-hub", "seeds": [0, 1], "max_steps": 300, "batch_size": 16, "max_length": 512, "eval_rows": 518, "lora_lr": 2e-4, "full_lr": 2e-5, "optim": "paged_adamw_32bit"},  # gpu: 07_qlora_vs_lora_vs_full
         "08_judging_chatbots": {"elo_orders": 10_000, "oa_orders": 10_000, "n_boot": 10_000, "stability_repeats": 200, "model_name": "HuggingFaceTB/SmolLM2-1.7B-Instruct", "judge_model": "Qwen/Qwen2.5-7B-Instruct", "train_steps": 100, "n_prompts": 22, "max_new_tokens": 256},  # gpu: 08_judging_chatbots
@@ -115,6 +115,9 @@ def _problem(name: str, value: Any, default: Any) -> str | None:
         ok = isinstance(value, list) and value and all(
             isinstance(s, (list, tuple)) and len(s) == 2 and all(is_whole(x, 1) for x in s) for s in value)
         return None if ok else "a non-empty list of [batch, seq_len] pairs of whole numbers >= 1"
+    if name == "ckpt_shape":
+        ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(is_whole(x, 1) for x in value)
+        return None if ok else "a [batch, seq_len] pair of whole numbers >= 1, e.g. [4, 128]"
     if default is None:
         return None
     kind = (int, float) if isinstance(default, float) else type(default)

@@ -23,7 +23,7 @@ LIMITS: dict[str, Any] = {
     "long_len": 1024, "cuda_short_len": 16, "cuda_long_len": 64, "steps": 4, "train_steps": 2, "n_prompts": 2,
     "ft_layer": 3, "elo_orders": 100, "oa_orders": 100, "n_boot": 100, "stability_repeats": 3, "global_batch": 4,
 }
-LIST_LIMITS: dict[str, Any] = {"measure_shapes": [[1, 32]], "seeds": [0]}
+LIST_LIMITS: dict[str, Any] = {"measure_shapes": [[1, 32]], "ckpt_shape": [1, 32], "seeds": [0]}
 #: Where a notebook needs more than a limit: 07 times its steps after 1 warm-up and 1 memory step.
 NOTEBOOK_LIMITS: dict[str, dict[str, Any]] = {"07_qlora_vs_lora_vs_full": {"max_steps": 3}}
 #: The stand-in's shape: LLaMA-7B's module names, 4 of its layers, a width small enough for a CPU.
