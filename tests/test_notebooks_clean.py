@@ -58,7 +58,7 @@ def test_solution_notebook_is_clean_and_checks_its_answers(path):
 
 #: Notebooks whose exercises have no worked solutions yet (their exercises need training runs). Not done: listed
 #: here so that the gap is visible, and so that this test fails once a solution lands and the entry stays.
-SOLUTIONS_NOT_YET = {"06", "07"}
+SOLUTIONS_NOT_YET = {"07"}
 
 
 def test_every_notebook_with_exercises_has_worked_solutions():
