@@ -56,17 +56,12 @@ def test_solution_notebook_is_clean_and_checks_its_answers(path):
     assert "assert " in "".join("".join(c["source"]) for c in code), "answers are checked by code, not only told"
 
 
-#: Notebooks whose exercises have no worked solutions yet (their exercises need training runs). Not done: listed
-#: here so that the gap is visible, and so that this test fails once a solution lands and the entry stays.
-SOLUTIONS_NOT_YET = {"07"}
-
-
 def test_every_notebook_with_exercises_has_worked_solutions():
     with_exercises = [p for p in NOTEBOOKS
                       if "exercise" in "".join(json.loads(p.read_text(encoding="utf-8"))["cells"][-1]["source"]).lower()]
     solved = {p.name[:2] for p in SOLUTIONS}
     missing = {p.name[:2] for p in with_exercises if p.name[:2] not in solved}
-    assert missing == SOLUTIONS_NOT_YET, f"without solutions/NN_*.ipynb: {sorted(missing)}; listed: {sorted(SOLUTIONS_NOT_YET)}"
+    assert not missing, f"without solutions/NN_*.ipynb: {sorted(missing)}"
     for p in (p for p in with_exercises if p.name[:2] in solved):
         text = "".join(json.loads(p.read_text(encoding="utf-8"))["cells"][-1]["source"])
         assert "Predict first" in text, f"{p.name}: one exercise is a prediction ('*Predict first:*')"
