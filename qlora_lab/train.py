@@ -83,7 +83,7 @@ class FinetuneConfig:
             lora_dropout=0.1 if size == "7b" else 0.05,
             learning_rate=1e-4 if big else 2e-4, optim="paged_adamw_32bit", lr_scheduler_type="constant",
             max_grad_norm=0.3, weight_decay=0.0, adam_beta2=0.999, per_device_train_batch_size=4,
-            gradient_accumulation_steps=4, max_steps=1875, eval_steps=187, save_steps=500,
+            gradient_accumulation_steps=4, max_steps=1875, eval_steps=187, save_steps=200 if big else 500,
             logging_steps=10, max_length=512, group_by_length=True, train_on="all",
             gradient_checkpointing=True, seed=0, data_seed=42, output_dir=f"outputs/guanaco-{size}",
         )

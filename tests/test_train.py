@@ -34,6 +34,30 @@ def test_guanaco_7b_is_the_papers_recipe():
     assert train.FinetuneConfig.guanaco("33b").lora_dropout == 0.05
 
 
+#: artidoro/qlora scripts/finetune_guanaco_{7b,13b,33b,65b}.sh (commit 0b46ca8), the flags a FinetuneConfig field
+#: carries, as released; values equal in all four scripts are listed once. qlora.py's own defaults supply the
+#: optimizer (paged_adamw_32bit) and, for oasst1 (no source text), the loss on the whole conversation.
+SCRIPTS_ALL = dict(logging_steps=10, data_seed=42, max_eval_samples=1000, per_device_eval_batch_size=4,
+                   group_by_length=True, lora_r=64, lora_alpha=16, lora_modules="all-linear", double_quant=True,
+                   quant_type="nf4", compute_dtype="bfloat16", bits=4, warmup_ratio=0.03,
+                   lr_scheduler_type="constant", gradient_checkpointing=True, max_length=512,
+                   per_device_train_batch_size=4, gradient_accumulation_steps=4, max_steps=1875, eval_steps=187,
+                   adam_beta2=0.999, max_grad_norm=0.3, weight_decay=0.0, seed=0, optim="paged_adamw_32bit",
+                   train_on="all")
+SCRIPTS_BY_SIZE = {"7b": dict(save_steps=500, learning_rate=2e-4, lora_dropout=0.1),
+                   "13b": dict(save_steps=500, learning_rate=2e-4, lora_dropout=0.05),
+                   "33b": dict(save_steps=200, learning_rate=1e-4, lora_dropout=0.05),
+                   "65b": dict(save_steps=200, learning_rate=1e-4, lora_dropout=0.05)}
+
+
+@pytest.mark.parametrize("size", SCRIPTS_BY_SIZE)
+def test_guanaco_presets_equal_the_released_scripts_field_by_field(size):
+    config = train.FinetuneConfig.guanaco(size).to_dict()
+    expected = {**SCRIPTS_ALL, **SCRIPTS_BY_SIZE[size]}
+    differ = {k: (config[k], v) for k, v in expected.items() if config[k] != v}
+    assert not differ, f"guanaco({size!r}) vs finetune_guanaco_{size}.sh: {differ}"
+
+
 @pytest.mark.parametrize("field, value, allowed", [
     ("max_steps", -5, "whole number >= 1"),
     ("lora_r", 0, "whole number >= 1"),
