@@ -74,6 +74,11 @@ _POSITIVE = ("max_new_tokens", "max_steps", "batch_size", "seq_len", "train_bloc
 _RATES = ("learning_rate", "lora_lr", "full_lr", "repetition_penalty")
 
 
+def _is_shape(value: Any) -> bool:
+    """A [batch, seq_len] pair of whole numbers >= 1 (what the memory measurements take)."""
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(is_whole(x, 1) for x in value)
+
+
 def _problem(name: str, value: Any, default: Any) -> str | None:
     """What is wrong with one parameter value (None if nothing): known rules first, then the default's type."""
     if value is None:  # None means "the profile's value"
@@ -112,12 +117,10 @@ def _problem(name: str, value: Any, default: Any) -> str | None:
         ok = isinstance(value, list) and value and all(m in ESTIMATOR_METHODS for m in value)
         return None if ok else f"a non-empty list drawn from {list(ESTIMATOR_METHODS)}"
     if name == "measure_shapes":
-        ok = isinstance(value, list) and value and all(
-            isinstance(s, (list, tuple)) and len(s) == 2 and all(is_whole(x, 1) for x in s) for s in value)
+        ok = isinstance(value, list) and value and all(_is_shape(s) for s in value)
         return None if ok else "a non-empty list of [batch, seq_len] pairs of whole numbers >= 1"
     if name == "ckpt_shape":
-        ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(is_whole(x, 1) for x in value)
-        return None if ok else "a [batch, seq_len] pair of whole numbers >= 1, e.g. [4, 128]"
+        return None if _is_shape(value) else "a [batch, seq_len] pair of whole numbers >= 1, e.g. [4, 128]"
     if default is None:
         return None
     kind = (int, float) if isinstance(default, float) else type(default)

@@ -174,6 +174,7 @@ def test_a_partial_run_merges_into_the_full_summary_and_says_so(tmp_build, tmp_p
     (["course", "--only", "00", "-p", "max_new_tokens", "many"], "max_new_tokens='many'"),
     (["course", "--only", "07", "-p", "seeds", "[0, -1]"], "non-empty list of whole numbers"),
     (["course", "--only", "07", "-p", "optim", "sgd"], "optim='sgd'"),
+    (["course", "--only", "05", "-p", "ckpt_shape", "[4, 0]"], "a [batch, seq_len] pair of whole numbers >= 1"),
     (["course", "--only", "06", "-p", "recipe", "guanaco-3b"], "guanaco-7b"),
     (["course", "--only", "01", "-p", "learning_rate", "inf"], "a finite number > 0"),
     (["course", "--only", "09", "-p", "compute_dtype", "fp8"], "compute_dtype='fp8' for 09_your_own_qlora"),
