@@ -32,13 +32,17 @@ def step_of(path: Path) -> int | None:
     return int(tail) if path.name.startswith("checkpoint-") and tail.isdigit() else None
 
 
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoints whose save finished (they hold our marker), oldest first; nothing is deleted or moved."""
+    root = Path(output_dir)
+    found = root.glob("checkpoint-*") if root.is_dir() else []
+    return sorted((p for p in found if step_of(p) is not None and (p / COMPLETE_MARKER).is_file()), key=step_of)
+
+
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The newest checkpoint whose save finished (it holds our marker); nothing is deleted or moved."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    found = [p for p in root.glob("checkpoint-*") if step_of(p) is not None and (p / COMPLETE_MARKER).is_file()]
-    return max(found, key=step_of) if found else None
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
 
 
 def set_aside_unmarked(output_dir: str | os.PathLike) -> list[Path]:
