@@ -50,14 +50,23 @@ def check_port(port: int) -> None:
 
 def command(script_args: list[str], nproc: int, port: int, launcher: str, config: str | None = None,
             cpu: bool = False) -> list[str]:
-    """The launcher command line: torchrun (torch.distributed.run) or accelerate launch, as a module run."""
+    """The launcher command line: torchrun (torch.distributed.run) or accelerate launch, as a module run.
+
+    accelerate's `--cpu` starts one plain process whatever `--num_processes` says, so several processes without a
+    config use `--multi_gpu` (accelerate's torchrun path); with no GPU visible the ranks then run on gloo.
+    """
     if launcher == "torchrun":
         head = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
                 "--master_port", str(port)]
     else:
+        if config:
+            mode = []  # the config file says how to launch
+        elif nproc > 1:
+            mode = ["--multi_gpu"]
+        else:
+            mode = ["--cpu"] if cpu or not torch.cuda.is_available() else []
         head = ["-m", "accelerate.commands.launch", *(["--config_file", config] if config else []),
-                "--num_processes", str(nproc), "--num_machines", "1", "--main_process_port", str(port),
-                *(["--cpu"] if not config and (cpu or not torch.cuda.is_available()) else [])]
+                "--num_processes", str(nproc), "--num_machines", "1", "--main_process_port", str(port), *mode]
     return [sys.executable, *head, "-m", "qlora_lab.distributed", *script_args]
 
 

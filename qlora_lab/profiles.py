@@ -24,10 +24,10 @@ COURSE_MAP: dict[str, tuple[str, str, float]] = {
     "03_double_quantization": ("Double quantization", "8-bit quantization of the absmax constants: 4.5 to 4.127 bits/param", 1),
     "04_paged_optimizers": ("Paged optimizers", "memory spikes, unified-memory paging, OOM without paging and survival with it", 1),
     "05_memory_budget": ("Memory budget", "an estimator for full / LoRA / QLoRA by model size, checked against measurement", 3),
-    "06_guanaco_oasst1_finetune": ("Guanaco OASST1 fine-tune", "OASST1 trees to Guanaco text, QLoRA with the paper's recipe, evaluate, chat, save, merge", 16),
-    "07_qlora_vs_lora_vs_full": ("QLoRA vs LoRA vs full", "the same run in 16-bit full, 16-bit LoRA and QLoRA NF4+DQ / NF4 / FP4 / Int4", 16),
-    "08_judging_chatbots": ("Judging chatbots", "the paper's GPT-4 judgments: % of ChatGPT, Elo over 10,000 orders, order bias, Bradley-Terry, rank stability; our models judged", 2),
-    "09_your_own_qlora": ("Your own QLoRA", "the recipe in plain transformers + peft + bitsandbytes + TRL on your chat data, equal to qlora_lab.train; merge, chat, serve", 5),
+    "06_guanaco_oasst1_finetune": ("Guanaco OASST1 fine-tune", "OASST1 trees to Guanaco text, QLoRA with the paper's recipe, evaluate, chat, save, merge", 13),
+    "07_qlora_vs_lora_vs_full": ("QLoRA vs LoRA vs full", "the same run in 16-bit full, 16-bit LoRA and QLoRA NF4+DQ / NF4 / FP4 / Int4", 13),
+    "08_judging_chatbots": ("Judging chatbots", "the paper's GPT-4 judgments: % of ChatGPT, Elo over 10,000 orders, order bias, Bradley-Terry, rank stability; our models judged", 1),
+    "09_your_own_qlora": ("Your own QLoRA", "the recipe in plain transformers + peft + bitsandbytes + TRL on your chat data, equal to qlora_lab.train; merge, chat, serve", 3),
     "10_beyond_one_gpu": ("Beyond one GPU", "DDP QLoRA on 2 processes (gloo), FSDP + QLoRA config and invariants, the sharded memory budget", 2),
 }
 
@@ -45,7 +45,7 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "06_guanaco_oasst1_finetune": {"recipe": "cpu", "max_steps": 40, "n_eval_prompts": 22, "max_new_tokens": 384, "repetition_penalty": 1.2},
         "07_qlora_vs_lora_vs_full": {"model_name": None, "data_source": "embedded", "seeds": [0, 1], "max_steps": 6, "batch_size": 4, "max_length": 96, "eval_rows": 22, "lora_lr": 2e-3, "full_lr": 2e-4, "optim": "paged_adamw_32bit"},  # cpu: 07_qlora_vs_lora_vs_full
         "08_judging_chatbots": {"elo_orders": 10_000, "oa_orders": 1000, "n_boot": 1000, "stability_repeats": 30, "model_name": None, "judge_model": None, "train_steps": 2, "n_prompts": 8, "max_new_tokens": 32},  # cpu: 08_judging_chatbots
-        "09_your_own_qlora": {"data_path": "embedded", "model_name": None, "max_steps": 10, "batch_size": 4, "grad_accum": 1, "max_length": 192, "learning_rate": 1e-3, "lora_r": 64, "compute_dtype": "float32", "optim": "adamw_torch", "gradient_checkpointing": False, "eval_size": 4, "max_new_tokens": 48},  # cpu: 09_your_own_qlora
+        "09_your_own_qlora": {"data_path": "embedded", "model_name": None, "max_steps": 4, "batch_size": 4, "grad_accum": 1, "max_length": 192, "learning_rate": 1e-3, "lora_r": 64, "compute_dtype": "float32", "optim": "adamw_torch", "gradient_checkpointing": False, "eval_size": 4, "max_new_tokens": 48},  # cpu: 09_your_own_qlora
         "10_beyond_one_gpu": {"model_name": None, "num_layers": 4, "steps": 4, "global_batch": 4, "seq_len": 64, "lora_r": 64, "launch_timeout": 300},  # cpu: 10_beyond_one_gpu
     },
     "gpu": {

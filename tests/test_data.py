@@ -1,4 +1,4 @@
-"""qlora_lab.data: the shipped mini OASST1 matches OASST1's schema and the issue's counts; trees, best paths,
+"""qlora_lab.data: the shipped mini OASST1 matches OASST1's schema and the course's counts; trees, best paths,
 Guanaco text and the collator's labels behave as specified, including every malformed-tree case."""
 
 from __future__ import annotations

@@ -39,6 +39,16 @@ def test_two_processes_train_the_same_adapter_as_one(runs):
     assert trained_b and all(t.abs().max() > 0 for t in trained_b), "LoRA B never left zero: nothing trained"
 
 
+def test_accelerate_launch_without_a_config_runs_the_same_two_process_ddp(runs):
+    folder, two, _ = runs
+    cmd = launch.command(["--out", "x.json"], 2, 29500, "accelerate", cpu=True)
+    assert "--multi_gpu" in cmd and "--cpu" not in cmd  # accelerate's --cpu would start one plain process
+    acc = launch.launch([*ARGS, "--out", str(folder / "acc.json")], nproc=2, launcher="accelerate", timeout=240,
+                        cpu=True)
+    assert (acc["world_size"], acc["backend"]) == (2, "gloo")
+    assert acc["adapter_sha256"] == two["adapter_sha256"]
+
+
 def test_ddp_all_reduces_exactly_the_lora_gradients(runs):
     from transformers import AutoConfig
 
@@ -71,13 +81,13 @@ def test_a_taken_port_is_refused_before_launch(tmp_path):
 
 def test_a_dead_rank_is_an_error_not_a_hang(tmp_path):
     with pytest.raises(launch.LaunchError, match=r"rank 1: stopping on purpose"):
-        launch.launch([*ARGS, "--fail-rank", "1", "--out", str(tmp_path / "x.json")], timeout=120)
+        launch.launch([*ARGS, "--fail-rank", "1", "--out", str(tmp_path / "x.json")], timeout=120, cpu=True)
 
 
 def test_timeout_stops_every_rank(tmp_path):
     start = time.perf_counter()
     with pytest.raises(launch.LaunchError, match="no result after 2 s"):
-        launch.launch([*ARGS, "--out", str(tmp_path / "x.json")], timeout=2)
+        launch.launch([*ARGS, "--out", str(tmp_path / "x.json")], timeout=2, cpu=True)
     assert time.perf_counter() - start < 10
     import psutil
 

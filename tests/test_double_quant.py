@@ -62,7 +62,7 @@ def test_exact_nearest_is_never_worse_than_bnb_cpu_and_rarely_differs(big):
     theirs = (code[state.absmax.long()] - target).abs()
     assert bool((ours <= theirs + 1e-7).all())
     differ = int((d.codes != state.absmax).sum())
-    assert 0 < differ < d.codes.numel() // 100  # the LUT picks a neighbour for a few codes (FACTS.md 5)
+    assert 0 < differ < d.codes.numel() // 100  # the LUT picks a neighbour for a few codes (notebook 03, section 8)
 
 
 def test_dequantize_absmax_equals_bnb_and_so_does_the_4bit_weight(big):

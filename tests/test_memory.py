@@ -87,7 +87,7 @@ def test_lora_and_qlora_by_hand():
 
 
 def test_nf4_bytes_match_the_paper_and_bitsandbytes():
-    # FACTS 5: a 4096 x 4096 weight with double quantization: 8,388,608 + 262,144 + 4,096 + 4 bytes
+    # a 4096 x 4096 weight with double quantization (notebook 03): 8,388,608 + 262,144 + 4,096 + 4 bytes
     assert memory.nf4_bytes(4096 * 4096, True) == (8_388_608, 262_144 + 4_096 + 4)
     assert memory.nf4_bytes(4096 * 4096, False) == (8_388_608, 1_048_576)
     import bitsandbytes.functional as F

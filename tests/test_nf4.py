@@ -12,7 +12,7 @@ import torch._dynamo
 from qlora_lab import nf4
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# The 16 values FACTS.md section 3 lists (bitsandbytes' table, printed to 8 decimals).
+# bitsandbytes' NF4 table, printed to 8 decimals.
 NF4_PRINTED = [-1, -0.69619280, -0.52507305, -0.39491749, -0.28444138, -0.18477343, -0.09105004, 0,
                0.07958030, 0.16093020, 0.24611230, 0.33791524, 0.44070983, 0.56261700, 0.72295684, 1]
 
@@ -134,7 +134,7 @@ def test_large_bf16_weight_equals_bnb_on_the_compiled_path():
 
 
 def test_reciprocal_not_division_matters():
-    """The trap in FACTS.md 3: scaling by x * (1/absmax) and by x / absmax round differently somewhere."""
+    """A known trap: scaling by x * (1/absmax) and by x / absmax round differently somewhere."""
     torch.manual_seed(0)
     x = torch.rand(1 << 20) * 2 - 1
     absmax = torch.rand(1 << 20) + 0.5
