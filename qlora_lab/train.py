@@ -53,7 +53,7 @@ class FinetuneConfig:
     gradient_accumulation_steps: int = 4
     per_device_eval_batch_size: int = 4
     max_steps: int = 1875
-    eval_steps: int = 187
+    eval_steps: int = 187  # evaluate every eval_steps steps; none when eval_steps > max_steps (eval_strategy)
     save_steps: int = 500
     logging_steps: int = 10
     max_length: int = 512  # qlora.py: source_max_len 16 + target_max_len 512 (oasst1 has no source)
@@ -196,6 +196,12 @@ def add_adapters(model, config: FinetuneConfig):
                                     config.lora_modules)
 
 
+def eval_strategy(config: FinetuneConfig) -> str:
+    """"steps", or "no" when eval_steps > max_steps: such a run asks for no evaluation, and transformers would
+    otherwise still evaluate once when training ends (a short run spends as long on it as on its steps)."""
+    return "steps" if config.eval_steps <= config.max_steps else "no"
+
+
 def training_arguments(config: FinetuneConfig):
     """transformers.TrainingArguments for the config (CPU-safe: bf16 autocast only on CUDA)."""
     from transformers import TrainingArguments
@@ -209,7 +215,7 @@ def training_arguments(config: FinetuneConfig):
         learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
         warmup_steps=config.warmup_ratio, max_grad_norm=config.max_grad_norm,  # a float < 1 is a ratio
         weight_decay=config.weight_decay, adam_beta2=config.adam_beta2, optim=config.optim,
-        logging_steps=config.logging_steps, eval_strategy="steps", eval_steps=config.eval_steps,
+        logging_steps=config.logging_steps, eval_strategy=eval_strategy(config), eval_steps=config.eval_steps,
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=2,
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         bf16=on_cuda and config.compute_dtype == "bfloat16", seed=config.seed, data_seed=config.data_seed,

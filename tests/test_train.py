@@ -226,6 +226,13 @@ def test_saved_adapter_reloads_to_identical_outputs(trained):
     assert res.loss_history and res.trainable_parameters < res.total_parameters
 
 
+def test_evaluates_every_eval_steps_and_never_in_a_run_shorter_than_that(trained, tmp_path):
+    _, res = trained  # eval_steps=1000 > max_steps=2: transformers alone would still evaluate once, at the end
+    assert res.eval_losses == []
+    cfg = train.FinetuneConfig.cpu(output_dir=str(tmp_path / "run"), **{**TINY, "max_steps": 2, "eval_steps": 1})
+    assert [h["step"] for h in train.finetune(cfg, progress=False).eval_losses] == [1, 2]
+
+
 def test_missing_and_corrupt_adapters_are_explained(trained, tmp_path):
     cfg, res = trained
     _, base = train.load_model_and_tokenizer(cfg)
