@@ -84,8 +84,8 @@ def model_for(name: str) -> str:
     return str(make_standins(folder))
 
 
-#: How a smoke run scales the Guanaco recipe: its batch shapes, and an evaluation at step 2 (the recipe's every 187
-#: steps would never come in a 2-step run, which then evaluates not at all). Every other recipe value is kept.
+#: How a smoke run scales the Guanaco recipe: its batch shapes, and an evaluation at step 2 (with the recipe's own
+#: eval_steps, a 2-step run would not evaluate at all: train.eval_strategy). Every other recipe value is kept.
 FINETUNE = dict(per_device_train_batch_size=1, gradient_accumulation_steps=2, per_device_eval_batch_size=1,
                 max_length=64, max_eval_samples=2, eval_steps=2)
 
